@@ -1,0 +1,24 @@
+# Set-up and entry points. `make test` and `make serve` install everything they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; the Docker image installs a CUDA build instead.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test slow clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,328 @@
+"""The X-Fusion dual-tower model (arXiv 2504.20996, section 4) in plain torch.
+
+Every layer holds the frozen text block of a LLaMA-3 model and a trainable vision block of the same kind.
+The text block serves the queries of text tokens, the vision block those of image tokens; each attends over
+keys/values that its own weights compute for every token. Text is causal; the tokens of one image see each
+other both ways. The text tower's parameters carry their transformers names (`model.layers.0.self_attn...`),
+so a standard Llama directory loads without conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .config import VAEInfo, XFusionConfig
+
+# RoPE types whose frequencies depend on the sequence length at run time; a static cache cannot use them.
+_DYNAMIC_ROPE = {"dynamic", "longrope"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, exactly as transformers' LlamaRMSNorm does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for RoPE; the frequencies come from transformers' own rope functions (llama3 included)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        rope = cfg.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        kind = rope.get("rope_type", "default")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if kind in _DYNAMIC_ROPE or (kind != "default" and kind not in ROPE_INIT_FUNCTIONS):
+            raise ValueError(f"rope_type {kind!r} is not supported (use default, linear, llama3 or yarn)")
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            if kind == "default":
+                steps = torch.arange(0, head_dim, 2, dtype=torch.float)
+                inv_freq, scale = 1.0 / (rope["rope_theta"] ** (steps / head_dim)), 1.0
+            else:
+                inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](cfg)
+        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = inv_freq.float()
+        self.scale = float(scale)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., heads, T, head_dim]; cos/sin: [..., T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(-3) + rotated * sin.unsqueeze(-3)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(-2, -3)
+
+    def q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(self._split(self.q_proj(x), self.heads), cos, sin)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = apply_rope(self._split(self.k_proj(x), self.kv_heads), cos, sin)
+        return k, self._split(self.v_proj(x), self.kv_heads)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One LLaMA decoder block, its parameters named as transformers names them."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.attention_bias
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual stream after attention ([..., heads, head_dim] flattened) and the MLP."""
+        h = h + self.self_attn.o_proj(attn.flatten(-2))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TextTower(nn.Module):
+    """The frozen LLM, laid out as `LlamaForCausalLM` so its safetensors load as they are."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.model = TextModel(cfg)
+        self.tied = bool(cfg.tie_word_embeddings)
+        if not self.tied:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return F.linear(self.model.norm(h), weight)
+
+
+def vision_block_config(text_cfg: LlamaConfig, cfg: XFusionConfig) -> LlamaConfig:
+    """The vision blocks' Llama config: the text tower's, with the overrides of `vision_tower`."""
+    vcfg = LlamaConfig.from_dict(text_cfg.to_dict())
+    v = cfg.vision_tower
+    if v.num_attention_heads is not None and v.num_attention_heads != text_cfg.num_attention_heads:
+        vcfg.head_dim = text_cfg.hidden_size // v.num_attention_heads
+    for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        if getattr(v, name) is not None:
+            setattr(vcfg, name, getattr(v, name))
+    if vcfg.num_attention_heads % vcfg.num_key_value_heads:
+        raise ValueError("vision_tower: num_attention_heads must be a multiple of num_key_value_heads")
+    return vcfg
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1], scaled to the 0..1000 range diffusion models are built for."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs
+    return torch.cat((args.cos(), args.sin()), dim=-1)
+
+
+class VisionTower(nn.Module):
+    """Every trainable parameter of X-Fusion; saved alone as vision_tower.safetensors."""
+
+    def __init__(self, text_cfg: LlamaConfig, cfg: XFusionConfig, vae: VAEInfo):
+        super().__init__()
+        vcfg = vision_block_config(text_cfg, cfg)
+        hidden, p = text_cfg.hidden_size, cfg.patch_size
+        patch_dim = vae.latent_channels * p * p
+        grid = max(h for h, _ in cfg.image_sizes) // (vae.downsample * p), max(
+            w for _, w in cfg.image_sizes
+        ) // (vae.downsample * p)
+        self.layers = nn.ModuleList(Block(vcfg) for _ in range(text_cfg.num_hidden_layers))
+        self.patch_embed = nn.Linear(patch_dim, hidden)
+        self.time_embed = nn.Sequential(
+            nn.Linear(cfg.vision_tower.timestep_embedding_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(*grid, hidden))
+        self.boi = nn.Parameter(torch.zeros(hidden))
+        self.eoi = nn.Parameter(torch.zeros(hidden))
+        self.norm = RMSNorm(hidden, text_cfg.rms_norm_eps)
+        self.proj_out = nn.Linear(hidden, patch_dim)
+        if cfg.xfuse:
+            self.xfuse_alpha = nn.Parameter(torch.ones(text_cfg.num_hidden_layers))
+            self.xfuse_beta = nn.Parameter(torch.zeros(text_cfg.num_hidden_layers))
+
+
+@dataclass
+class ImageSegment:
+    """An image in a sequence: its scaled VAE latent [C, h, w] and its noise level t (0 = clean)."""
+
+    latent: torch.Tensor
+    t: float
+
+
+Segment = list[int] | ImageSegment
+
+
+@dataclass
+class SequenceInputs:
+    embeds: torch.Tensor  # [T, D]
+    positions: torch.Tensor  # [T]
+    image_ids: torch.Tensor  # [T]: index of the image a token belongs to, -1 for text (boi/eoi are text)
+    image_slices: list[slice]  # where each image's tokens sit, in order
+
+    @property
+    def is_image(self) -> torch.Tensor:
+        return self.image_ids >= 0
+
+
+def attention_mask(image_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] image ids -> [B, 1, T, T] bool: causal, except that the tokens of one image see each other."""
+    T = image_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=image_ids.device).tril()
+    same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
+    allowed = causal | same_image
+    if valid is not None:  # padding: no query sees a pad key; a pad query sees itself so softmax stays finite
+        allowed = (allowed & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=image_ids.device)
+    return allowed[:, None]
+
+
+class XFusionModel(nn.Module):
+    def __init__(self, text_cfg: LlamaConfig, cfg: XFusionConfig, vae: VAEInfo):
+        super().__init__()
+        self.config, self.text_config, self.vae_info = cfg, text_cfg, vae
+        self.text = TextTower(text_cfg)
+        self.vision = VisionTower(text_cfg, cfg, vae)
+        self.rope = Rotary(text_cfg)
+        self.vision_rope = Rotary(vision_block_config(text_cfg, cfg))
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], row-major over patches."""
+        p = self.config.patch_size
+        B, C, H, W = latent.shape
+        x = latent.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """[B, N, C*p*p] -> [B, C, H, W] for a latent of height x width."""
+        p, C = self.config.patch_size, self.vae_info.latent_channels
+        B = x.shape[0]
+        x = x.reshape(B, height // p, width // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, C, height, width)
+
+    def embed_image(self, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, C, H, W] at noise levels t [B] -> image tokens [B, N, D]."""
+        v, p = self.vision, self.config.patch_size
+        gh, gw = latent.shape[-2] // p, latent.shape[-1] // p
+        tokens = v.patch_embed(self.patchify(latent).to(v.patch_embed.weight.dtype))
+        temb = v.time_embed(timestep_features(t, v.time_embed[0].in_features).to(tokens.dtype))
+        return tokens + temb[:, None] + v.pos_embed[:gh, :gw].reshape(gh * gw, -1)
+
+    def velocity(self, h_image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Image-token outputs [B, N, D] -> predicted velocity (noise - x0) as a latent [B, C, H, W]."""
+        return self.unpatchify(self.vision.proj_out(self.vision.norm(h_image)), height, width)
+
+    def embed_sequence(self, segments: list[Segment]) -> SequenceInputs:
+        """Text ids and images -> one sequence; each image is wrapped in the learned begin/end-of-image."""
+        parts, image_ids, slices, n = [], [], [], 0
+        embed = self.text.model.embed_tokens
+        for seg in segments:
+            if isinstance(seg, ImageSegment):
+                t = torch.tensor([seg.t], device=seg.latent.device)
+                tokens = self.embed_image(seg.latent[None], t)[0]
+                parts += [self.vision.boi[None], tokens, self.vision.eoi[None]]
+                slices.append(slice(n + 1, n + 1 + len(tokens)))
+                image_ids += [-1] + [len(slices) - 1] * len(tokens) + [-1]
+                n += len(tokens) + 2
+            else:
+                ids = torch.as_tensor(seg, dtype=torch.long, device=embed.weight.device)
+                parts.append(embed(ids))
+                image_ids += [-1] * len(ids)
+                n += len(ids)
+        device = embed.weight.device
+        return SequenceInputs(
+            embeds=torch.cat(parts).to(embed.weight.dtype),
+            positions=torch.arange(n, device=device),
+            image_ids=torch.tensor(image_ids, device=device),
+            image_slices=slices,
+        )
+
+    # ---- the dual-tower stack ----------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence forward of a padded batch: h [B, T, D] -> final hidden states [B, T, D] (pre-norm).
+
+        Each tower runs o_proj and its MLP only on the rows it owns; the vision tower is skipped outright
+        when the batch holds no image token, so text-only work is exactly the base LLM's.
+        """
+        mask = attention_mask(image_ids, valid)
+        is_image = image_ids >= 0
+        text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
+        has_image = bool(is_image.any())
+        cos, sin = self.rope(positions, h.dtype)
+        vcos, vsin = self.vision_rope(positions, h.dtype) if has_image else (cos, sin)
+        for i, text_block in enumerate(self.text.model.layers):
+            out = h.clone()
+            text_out = self._tower(text_block, h, text_rows, mask, cos, sin)
+            out[text_rows] = text_out
+            if has_image:
+                img_out = self._tower(self.vision.layers[i], h, is_image, mask, vcos, vsin)
+                if self.config.xfuse:
+                    a, b = self.vision.xfuse_alpha[i], self.vision.xfuse_beta[i]
+                    img_out = a * img_out + b * out[is_image]
+                out[is_image] = img_out
+            h = out
+        return h
+
+    @staticmethod
+    def _tower(block: Block, h, rows, mask, cos, sin) -> torch.Tensor:
+        """One block over the sequence, returning only the rows (tokens) whose queries it serves: [N, D]."""
+        x = block.input_layernorm(h)
+        k, v = block.self_attn.kv(x, cos, sin)
+        q = block.self_attn.q(x, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return block.finish(h[rows], attn.transpose(1, 2)[rows])
+
+    def requires_grad_vision_only(self) -> "XFusionModel":
+        self.text.requires_grad_(False)
+        self.vision.requires_grad_(True)
+        return self
