@@ -146,7 +146,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32", devi
 
         # float16 VAEs overflow in their decoder; they run in float32 as diffusers' force_upcast does.
         vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype).to(device).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
     return Checkpoint(
         path=path,
         config=cfg,

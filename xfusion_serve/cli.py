@@ -25,6 +25,52 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote an untrained X-Fusion checkpoint to {out}")
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, so every knob of the recipe is on the command line."""
+    import dataclasses
+    import typing
+
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        kw: dict = {"default": default, "required": required, "help": f"default: {default}" if not required else None}
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is list:
+            kw.update(nargs="*", type=str)
+        elif "tuple" in str(hint):
+            kw.update(nargs=2, type=int if "int" in str(hint) else float)
+        else:
+            kw["type"] = hint if hint in (int, float, str) else str
+        p.add_argument(flag, **kw)
+
+
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for name in ("betas", "image_size"):
+        values[name] = tuple(values[name]) if values[name] is not None else None
+    out = train(TrainConfig(**values))
+    print(f"wrote {out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate_in_process, report
+
+    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    results = evaluate_in_process(ckpt, args.captions, args.images, steps=args.steps)
+    for name, acc in results.items():
+        print(report(name, acc))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xfusion-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="point at the text tower where it is instead of copying it into the checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_init)
+
+    p = sub.add_parser("train", help="train the vision tower of a checkpoint (the paper's recipe)")
+    _add_train_options(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="per-attribute accuracy on the shapes world")
+    p.add_argument("--checkpoint", required=True, help="evaluate this checkpoint in process")
+    p.add_argument("--captions", type=int, default=300, help="fresh images to caption")
+    p.add_argument("--images", type=int, default=300, help="fresh prompts to draw")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

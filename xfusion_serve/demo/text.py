@@ -1,0 +1,132 @@
+"""The demo's "pretrained LLM": a byte-level BPE tokenizer and a small Llama trained on text about the world."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .. import shapes
+
+log = logging.getLogger(__name__)
+
+BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot|>", "<|pad|>"
+ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _list(words) -> str:
+    words = list(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def chat_pairs() -> list[tuple[str, str]]:
+    """Questions a user may ask about the world, with the short answers the model should give."""
+    pairs = [
+        ("Hello", "Hello! I can describe pictures of shapes and draw them."),
+        ("Hi", "Hello! I can describe pictures of shapes and draw them."),
+        ("What can you do?", "I can describe pictures of shapes and draw them."),
+        ("Who are you?", "I am a small model that knows about shapes."),
+        ("What shapes are there?", f"There are {_list(s + 's' for s in shapes.SHAPES)}."),
+        ("What colors are there?", f"The colors are {_list(shapes.COLORS)}."),
+        ("What sizes are there?", "A shape is small or large."),
+        ("Where can a shape be?", f"A shape can be at the {_list(shapes.POSITIONS)}."),
+        ("What does a picture look like?", "A picture has one shape on a white background."),
+        ("How many sides does a square have?", "A square has four sides."),
+        ("How many sides does a triangle have?", "A triangle has three sides."),
+        ("How many sides does a circle have?", "A circle has no sides. It is round."),
+        ("Which way does a triangle point?", "A triangle points up."),
+        ("Thank you", "You are welcome."),
+    ]
+    for color in shapes.COLORS:
+        pairs.append((f"Is {color} a color?", f"Yes, {color} is a color."))
+    for shape in shapes.SHAPES:
+        pairs.append((f"Is a {shape} a shape?", f"Yes, a {shape} is a shape."))
+        pairs.append((f"What is a {shape}?", f"A {shape} is a shape."))
+    return pairs
+
+
+def corpus(seed: int) -> list[str]:
+    """Plain sentences about the world; chat turns are added through the chat template by the caller."""
+    rng = random.Random(seed)
+    docs = []
+    for s in shapes.all_shapes():
+        docs += [s.caption, s.caption + ".", f"there is {s.caption}.", f"the picture shows {s.caption}.",
+                 f"the {s.shape} is {s.color}.", f"the {s.color} {s.shape} is {s.size}."]
+    for color in shapes.COLORS:
+        docs += [f"{color} is a color.", f"a {color} shape."]
+    for shape in shapes.SHAPES:
+        docs += [f"a {shape} is a shape.", f"the {shape} can be small or large."]
+    rng.shuffle(docs)
+    return docs
+
+
+def build_tokenizer(out: Path, texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [BOS, EOS, EOT, PAD, *ROLES]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[EOT, *ROLES])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def training_texts(tokenizer: PreTrainedTokenizerFast, seed: int) -> list[list[int]]:
+    """Token ids of every pretraining document: sentences (bos .. eos) and chat exchanges (the template)."""
+    docs = [tokenizer(BOS + d + EOS, add_special_tokens=False).input_ids for d in corpus(seed)]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                           return_dict=False)
+             for q, a in chat_pairs()]
+    # Chat turns are few; repeat them so they are learnt as well as the sentences.
+    return docs + chats * max(1, len(docs) // (4 * len(chats)))
+
+
+def pretrain_llm(out: Path, *, steps: int, batch_size: int, seed: int, hidden: int = 128, layers: int = 4,
+                 lr: float = 3e-3) -> Path:
+    texts = corpus(seed) + [q + " " + a for q, a in chat_pairs()]
+    tokenizer = build_tokenizer(out, texts)
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        bos_token_id=ids(BOS), eos_token_id=[ids(EOS), ids(EOT)], pad_token_id=ids(PAD),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    data = training_texts(tokenizer, seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc="llm", mininterval=5)
+    for step in bar:
+        batch = [rng.choice(data) for _ in range(batch_size)]
+        T = max(map(len, batch))
+        input_ids = torch.tensor([b + [cfg.pad_token_id] * (T - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (T - len(b)) for b in batch])
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=[ids(EOS), ids(EOT)],
+                     pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(out)
+    log.info("text tower: %d parameters, last loss %.4f", sum(p.numel() for p in model.parameters()), loss.item())
+    return out
