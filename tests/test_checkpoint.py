@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import file_bytes, make_text_tower, set_config
 from xfusion_serve import CheckpointError, init_checkpoint, load_checkpoint
 from xfusion_serve.cli import main as cli
-from xfusion_serve.model import ImageSegment
+from xfusion_serve.model import ImageSegment, padded_forward
 
 
 def test_init_writes_the_documented_layout(checkpoint_dir, text_tower):
@@ -49,7 +49,7 @@ def test_init_load_and_backward_never_touch_the_text_tower(tmp_path, text_tower,
     assert all(p.requires_grad for p in model.vision.parameters())
     # A training-like step: a loss through both heads reaches only the vision tower.
     seq = model.embed_sequence([[2, 7], ImageSegment(torch.randn(4, 8, 8), t=0.5), [9]])
-    h = model(seq.embeds[None], seq.positions[None], seq.image_ids[None])[0]
+    h = padded_forward(model, seq.embeds[None], seq.positions[None], seq.image_ids[None])[0]
     (model.text.logits(h).sum() + model.velocity(h[seq.image_slices[0]][None], 8, 8).sum()).backward()
     assert all(p.grad is None for p in model.text.parameters())
     assert model.vision.patch_embed.weight.grad is not None

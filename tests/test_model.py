@@ -12,14 +12,14 @@ from conftest import make_text_tower, make_vae
 from xfusion_serve import ImageSegment, init_checkpoint, load_checkpoint
 from xfusion_serve.checkpoint import save_vision_tower
 from xfusion_serve.config import VisionTowerConfig
-from xfusion_serve.model import attention_mask
+from xfusion_serve.model import attention_mask, padded_forward
 from xfusion_serve.reference import reference_forward, reference_greedy, sequence_mask
 
 
 def model_forward(model, segments):
     """The batched forward on a batch of one: logits at every position and each image's velocity."""
     seq = model.embed_sequence(segments)
-    h = model(seq.embeds[None], seq.positions[None], seq.image_ids[None])[0]
+    h = padded_forward(model, seq.embeds[None], seq.positions[None], seq.image_ids[None])[0]
     images = [s for s in segments if isinstance(s, ImageSegment)]
     vel = [model.velocity(h[sl][None], *img.latent.shape[-2:])[0] for sl, img in zip(seq.image_slices, images)]
     return model.text.logits(h), vel
@@ -144,11 +144,11 @@ def test_padded_batch_equals_one_at_a_time(checkpoint_dir):
     T = max(len(x.positions) for x in inputs)
     pad = lambda x, v: torch.cat([x, x.new_full((T - len(x), *x.shape[1:]), v)])  # noqa: E731
     with torch.no_grad():
-        h = model(torch.stack([pad(x.embeds, 0.0) for x in inputs]), torch.stack([pad(x.positions, 0) for x in inputs]),
+        h = padded_forward(model, torch.stack([pad(x.embeds, 0.0) for x in inputs]), torch.stack([pad(x.positions, 0) for x in inputs]),
                   torch.stack([pad(x.image_ids, -1) for x in inputs]),
                   valid=torch.stack([pad(torch.ones(len(x.positions), dtype=torch.bool), False) for x in inputs]))
         for row, (x, s) in enumerate(zip(inputs, seqs)):
-            alone = model(x.embeds[None], x.positions[None], x.image_ids[None])[0]
+            alone = padded_forward(model, x.embeds[None], x.positions[None], x.image_ids[None])[0]
             torch.testing.assert_close(h[row, : len(x.positions)], alone, atol=1e-5, rtol=1e-5)
 
 

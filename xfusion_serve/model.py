@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +226,38 @@ def attention_mask(image_ids: torch.Tensor, valid: torch.Tensor | None = None) -
     return allowed[:, None]
 
 
+class AttentionFn(Protocol):
+    """What the layer loop asks of attention: q [..., Hq, T, d] (None when no query needs it now) and
+    k/v [..., Hkv, T, d] in, the output [..., T, Hq, d] out (token-major, so the model can pick its rows)."""
+
+    def keeps(self, tower: str) -> bool:
+        """Whether this tower's keys/values are stored for later steps, even with no query now."""
+
+    def __call__(self, tower: str, layer: int, q: torch.Tensor | None, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class MaskedAttention:
+    """Attention over whole sequences with a [B, 1, T, T] bool mask; nothing is cached."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def keeps(self, tower: str) -> bool:
+        return False
+
+    def __call__(self, tower: str, layer: int, q, k, v) -> torch.Tensor | None:
+        if q is None:
+            return None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True).transpose(-2, -3)
+
+
+def padded_forward(model: "XFusionModel", h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The full-sequence forward of a padded batch [B, T, D] (training, uncached sampling, tests)."""
+    return model(h, positions, image_ids, MaskedAttention(attention_mask(image_ids, valid)))
+
+
 class XFusionModel(nn.Module):
     def __init__(self, text_cfg: LlamaConfig, cfg: XFusionConfig, vae: VAEInfo):
         super().__init__()
@@ -288,39 +321,46 @@ class XFusionModel(nn.Module):
 
     # ---- the dual-tower stack ----------------------------------------------------------------------------
     def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence forward of a padded batch: h [B, T, D] -> final hidden states [B, T, D] (pre-norm).
+                attention: AttentionFn) -> torch.Tensor:
+        """Hidden states [..., T, D] (a padded batch or packed tokens) -> final hidden states (pre-norm).
 
-        Each tower runs o_proj and its MLP only on the rows it owns; the vision tower is skipped outright
-        when the batch holds no image token, so text-only work is exactly the base LLM's.
+        Per layer, the text block serves text-token queries and the vision block image-token queries, each
+        over keys/values its own weights compute for every token. `attention` decides which tokens a query
+        sees and where keys/values are kept (a mask for whole sequences, a paged cache in the engine).
+        A tower with no query to serve is skipped unless `attention` keeps its keys/values for later.
         """
-        mask = attention_mask(image_ids, valid)
         is_image = image_ids >= 0
         text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
-        has_image = bool(is_image.any())
+        run_text = attention.keeps("text") or bool(text_rows.any())
+        run_vision = attention.keeps("vision") or bool(is_image.any())
         cos, sin = self.rope(positions, h.dtype)
-        vcos, vsin = self.vision_rope(positions, h.dtype) if has_image else (cos, sin)
+        vcos, vsin = self.vision_rope(positions, h.dtype) if run_vision else (cos, sin)
         for i, text_block in enumerate(self.text.model.layers):
             out = h.clone()
-            text_out = self._tower(text_block, h, text_rows, mask, cos, sin)
-            out[text_rows] = text_out
-            if has_image:
-                img_out = self._tower(self.vision.layers[i], h, is_image, mask, vcos, vsin)
-                if self.config.xfuse:
-                    a, b = self.vision.xfuse_alpha[i], self.vision.xfuse_beta[i]
-                    img_out = a * img_out + b * out[is_image]
-                out[is_image] = img_out
+            if run_text:
+                text_out = self._tower(text_block, h, text_rows, cos, sin, attention, "text", i)
+                if text_out is not None:
+                    out[text_rows] = text_out
+            if run_vision:
+                img_out = self._tower(self.vision.layers[i], h, is_image, vcos, vsin, attention, "vision", i)
+                if img_out is not None:
+                    if self.config.xfuse:
+                        a, b = self.vision.xfuse_alpha[i], self.vision.xfuse_beta[i]
+                        img_out = a * img_out + b * out[is_image]
+                    out[is_image] = img_out
             h = out
         return h
 
     @staticmethod
-    def _tower(block: Block, h, rows, mask, cos, sin) -> torch.Tensor:
-        """One block over the sequence, returning only the rows (tokens) whose queries it serves: [N, D]."""
+    def _tower(block: Block, h, rows, cos, sin, attention, tower: str, layer: int) -> torch.Tensor | None:
+        """One block over the tokens, returning only the rows whose queries it serves: [N_rows, D]."""
         x = block.input_layernorm(h)
         k, v = block.self_attn.kv(x, cos, sin)
-        q = block.self_attn.q(x, cos, sin)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return block.finish(h[rows], attn.transpose(1, 2)[rows])
+        if not rows.any():  # keys/values for later queries only (an image prompt's vision K/V)
+            attention(tower, layer, None, k, v)
+            return None
+        attn = attention(tower, layer, block.self_attn.q(x, cos, sin), k, v)
+        return block.finish(h[rows], attn[rows])
 
     def requires_grad_vision_only(self) -> "XFusionModel":
         self.text.requires_grad_(False)

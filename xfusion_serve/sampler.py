@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import prompts
-from .model import ImageSegment, XFusionModel
+from .model import ImageSegment, XFusionModel, padded_forward
 
 
 def flow_sigmas(steps: int, shift: float) -> list[float]:
@@ -42,7 +42,7 @@ def _run_padded(model: XFusionModel, segment_lists: list[list]) -> tuple[torch.T
     for b, s in enumerate(seqs):
         n = len(s.positions)
         h[b, :n], pos[b, :n], ids[b, :n], valid[b, :n] = s.embeds, s.positions, s.image_ids, True
-    return model(h, pos, ids, valid), seqs
+    return padded_forward(model, h, pos, ids, valid), seqs
 
 
 @torch.no_grad()

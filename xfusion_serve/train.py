@@ -26,7 +26,7 @@ from . import prompts
 from .checkpoint import load_checkpoint, save_vision_tower
 from .config import CONFIG_FILE
 from .data import encode_dataset, open_dataset
-from .model import ImageSegment, XFusionModel
+from .model import ImageSegment, XFusionModel, padded_forward
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -95,7 +95,7 @@ class TrainStep(nn.Module):
         for b, s in enumerate(seqs):
             n = len(s.positions)
             h[b, :n], positions[b, :n], image_ids[b, :n], valid[b, :n] = s.embeds, s.positions, s.image_ids, True
-        out = model(h, positions, image_ids, valid)
+        out = padded_forward(model, h, positions, image_ids, valid)
 
         ar, dm = out.new_zeros(()).float(), out.new_zeros(()).float()
         for b, (s, seq) in enumerate(zip(batch, seqs)):
