@@ -87,3 +87,17 @@ def set_config(checkpoint: Path, **changes) -> None:
     cfg = json.loads(path.read_text())
     cfg.update(changes)
     path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def random_checkpoint_dir(checkpoint_dir) -> Path:
+    """A checkpoint whose vision tower differs from the text tower and predicts non-zero velocities."""
+    from xfusion_serve.checkpoint import load_checkpoint, save_vision_tower
+
+    model = load_checkpoint(checkpoint_dir, load_vae=False).model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.vision.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    save_vision_tower(model, checkpoint_dir)
+    return checkpoint_dir

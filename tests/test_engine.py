@@ -1,0 +1,163 @@
+"""The engine against the uncached paths: cached == uncached, batched == one at a time, every block freed."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaForCausalLM
+
+from xfusion_serve import load_checkpoint, prompts
+from xfusion_serve.cache import KVPool
+from xfusion_serve.data import encode_images
+from xfusion_serve.engine import Engine, EngineConfig
+from xfusion_serve.model import ImageSegment, padded_forward
+from xfusion_serve.sampler import caption_greedy_uncached, flow_sigmas, initial_noise, sample_images_uncached
+from xfusion_serve.sampling import SamplingParams
+from xfusion_serve.shapes import sample as shape_sample
+
+PROMPTS = [[2, 7, 9, 11, 5], [2, 30, 31], [2] + list(range(40, 60)), [2, 8]]
+
+
+def make_engine(path, **kw) -> Engine:
+    return Engine(load_checkpoint(path), EngineConfig(**({"block_size": 4} | kw)))
+
+
+def run_text(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Adds every prompt at once, runs them to the end -> the generated ids (stop token excluded)."""
+    reqs = [engine.requests[engine.add_text(p, params)] for p in prompt_ids]
+    engine.run([r.id for r in reqs])
+    return [r.output for r in reqs]
+
+
+def assert_all_free(engine: Engine) -> None:
+    """Every block is free, but for the pinned unconditional prompt."""
+    pinned = {t: sum(len(engine.scheduler.prompt_cache[k].get(t, [])) for k in engine.scheduler.pinned)
+              for t in engine.runner.pools}
+    for tower, pool in engine.runner.pools.items():
+        assert pool.blocks.num_free + pinned[tower] == pool.blocks.num_blocks, tower
+    assert not engine.requests and not engine.scheduler.has_work()
+
+
+def hf_greedy(path, prompt: list[int], max_new: int) -> list[int]:
+    hf = LlamaForCausalLM.from_pretrained(path / "text_tower", dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=1)[0]
+    return out[len(prompt):].tolist()
+
+
+def test_greedy_chat_equals_transformers_batched_and_paged(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)  # blocks of 4 tokens: every sequence crosses several
+    outputs = run_text(engine, PROMPTS, SamplingParams(max_tokens=16))
+    for p, out in zip(PROMPTS, outputs):
+        expected = hf_greedy(random_checkpoint_dir, p, 16)
+        stop = next((i for i, t in enumerate(expected) if t in (3, 4)), len(expected))
+        assert out == expected[:stop]
+    assert_all_free(engine)
+
+
+def test_caption_tokens_equal_uncached(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    images = [shape_sample(5, i)[1] for i in range(3)]
+    for instruction in ("", "describe the image"):
+        reqs = [engine.requests[engine.add_caption(im, instruction, SamplingParams(max_tokens=8))] for im in images]
+        engine.run([r.id for r in reqs])
+        latents = encode_images(engine.ckpt.vae, images, 16, 16)
+        expected = caption_greedy_uncached(engine.ckpt.model, engine.tokenizer, latents, instruction, 8,
+                                           set(engine.ckpt.eos_token_ids))
+        assert [r.output for r in reqs] == expected
+    assert_all_free(engine)
+
+
+def test_cached_denoising_velocity_equals_full_sequence(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    model, tok = engine.ckpt.model, engine.tokenizer
+    prompt = prompts.generation_prompt(tok, "a small red circle")
+    table = {t: engine.runner.pools[t].blocks.allocate(4) for t in engine.runner.prompt_towers}
+    engine.runner.prefill_prompts([prompt], [table])
+    x = initial_noise((4, 8, 8), 3)[None]
+    v = engine.runner.velocity(x, [0.7], [table], [len(prompt) + 1])
+    seq = model.embed_sequence([prompt, ImageSegment(x[0], 0.7)])
+    with torch.no_grad():
+        h = padded_forward(model, seq.embeds[None], seq.positions[None], seq.image_ids[None])[0]
+        expected = model.velocity(h[seq.image_slices[0]][None], 8, 8)
+    torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_latents_same_alone_batched_and_uncached(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    model = engine.ckpt.model
+
+    def latents_of(request_kwargs: list[dict]) -> list[torch.Tensor]:
+        reqs = [engine.requests[engine.add_image(**kw)] for kw in request_kwargs]
+        finals = {}
+        while len(finals) < len(reqs):
+            for ev in engine.step():
+                pass
+            for r in reqs:
+                if r.step == r.steps and r.id not in finals:
+                    finals[r.id] = r.latents.clone()
+        return [finals[r.id] for r in reqs]
+
+    target = {"prompt": "a large blue square", "seed": 11, "steps": 4, "guidance_scale": 2.5}
+    alone = latents_of([target])[0]
+    others = [{"prompt": "a red circle at the top left of it all", "seed": 1, "steps": 6, "n": 2},
+              {"prompt": "", "seed": 2, "steps": 2, "guidance_scale": 1.0},
+              {"prompt": "triangle", "negative_prompt": "blue", "seed": 3, "steps": 3}]
+    batched = latents_of(others[:1] + [target] + others[1:])[1]
+    assert (alone - batched).abs().max() < 1e-4
+    uncached = sample_images_uncached(model, engine.tokenizer, [target["prompt"]], [11], 4, 2.5, 1.0, 16, 16)
+    assert (alone - uncached).abs().max() < 1e-4
+    assert_all_free(engine)
+
+
+def test_seeded_sampling_is_the_same_alone_or_batched(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run_text(engine, [PROMPTS[0]], params)[0]
+    batched = run_text(engine, [PROMPTS[1], PROMPTS[0], PROMPTS[2]], params)[1]
+    other_seed = run_text(engine, [PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
+    assert alone == batched and len(alone) == 12
+    assert alone != other_seed
+
+
+def test_preemption_recomputes_and_gives_the_same_tokens(random_checkpoint_dir):
+    roomy = make_engine(random_checkpoint_dir)
+    expected = run_text(roomy, PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))
+    # 12 text blocks of 4 tokens: the four requests cannot all grow to their full length together.
+    per_block = KVPool.bytes_per_block(layers=2, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    tight = make_engine(random_checkpoint_dir, kv_cache_memory=int(12 * per_block / 0.75))
+    assert tight.runner.pools["text"].blocks.num_blocks == 12
+    assert run_text(tight, PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True)) == expected
+    assert tight.scheduler.preemptions > 0
+    assert_all_free(tight)
+
+
+def test_cancel_mid_way_frees_every_block(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    text = [engine.add_text(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in PROMPTS]
+    caption = engine.add_caption(shape_sample(1, 0)[1], "", SamplingParams(max_tokens=30, ignore_eos=True))
+    images = [engine.add_image("a red circle", seed=1, steps=8, n=2),
+              engine.add_image("a blue square", negative_prompt="red", seed=2, steps=8)]
+    for _ in range(3):
+        engine.step()
+    for rid in text[:2] + [caption] + images[:1]:
+        engine.cancel(rid)
+    engine.cancel("no-such-request")  # harmless
+    while engine.has_work():
+        engine.step()
+    assert_all_free(engine)
+
+
+def test_stops_and_limits(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    free = run_text(engine, [PROMPTS[0]], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert len(free) == 10
+    stop_id = free[4]
+    first = free.index(stop_id)
+    out = run_text(engine, [PROMPTS[0]], SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id]))
+    assert out[0] == free[:first]
+    rid = engine.add_text(PROMPTS[0], SamplingParams(max_tokens=10, ignore_eos=True))
+    full = engine.run([rid])[rid].text
+    word = full.split()[2] if len(full.split()) > 2 else full[-2:]
+    rid = engine.add_text(PROMPTS[0], SamplingParams(max_tokens=10, ignore_eos=True, stop=[word]))
+    done = engine.run([rid])[rid]
+    assert done.finish_reason == "stop" and done.text == full[: full.index(word)]
+    assert_all_free(engine)

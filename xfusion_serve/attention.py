@@ -1,0 +1,166 @@
+"""Attention backends behind one switch, and the engine's attention objects built on them.
+
+Three patterns cover every request kind:
+    prefill          packed whole prompts, causal text and bidirectional images (chat, caption, image prompts)
+    decode           one new text query per sequence over its paged cache
+    prefix           the image tokens of a denoising step over their cached prompt plus their own image
+Backends: "torch" (SDPA; the CPU default and the reference), "triton" (the project's kernels in
+kernels/xfusion_kernels), "flash-attn" (GPU image only). Every backend agrees with "torch".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVPool
+from .model import attention_mask
+
+BACKENDS = ("torch", "triton", "flash-attn")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def prefill(self, q, k, v, cu_seqlens: list[int], image_ids: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, d], k/v [N, Hkv, d] packed by cu_seqlens -> [N, Hq, d]."""
+        out = torch.empty_like(q)
+        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            mask = attention_mask(image_ids[None, s:e])[0]
+            out[s:e] = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
+                enable_gqa=True,
+            ).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """[blocks, bs, H, d] by tables [B, M] -> [B, H, M*bs, d]."""
+        g = cache[block_tables.clamp(min=0)]
+        return g.reshape(g.shape[0], -1, *g.shape[3:]).transpose(1, 2)
+
+    def decode(self, q, k_cache, v_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d]."""
+        k, v = self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
+        mask = (torch.arange(k.shape[2], device=q.device) < seq_lens[:, None])[:, None, None]
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+
+    def prefix(self, q, k, v, k_cache, v_cache, block_tables: torch.Tensor, prefix_lens: torch.Tensor):
+        """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prefix and all N of its own tokens."""
+        kp, vp = self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
+        keys, values = torch.cat([kp, k.transpose(1, 2)], 2), torch.cat([vp, v.transpose(1, 2)], 2)
+        L = kp.shape[2]
+        seen = torch.arange(L + q.shape[1], device=q.device)
+        mask = ((seen < prefix_lens[:, None]) | (seen >= L))[:, None, None]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+
+class TritonBackend(TorchBackend):
+    """The project's kernels for prefill and decode; the prefix pattern stays on SDPA."""
+
+    name = "triton"
+
+    def __init__(self):
+        import xfusion_kernels
+
+        self.k = xfusion_kernels
+
+    def prefill(self, q, k, v, cu_seqlens, image_ids):
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        return self.k.prefill_attention(q, k, v, cu, image_ids.to(torch.int32))
+
+    def decode(self, q, k_cache, v_cache, block_tables, seq_lens):
+        return self.k.paged_decode_attention(q, k_cache, v_cache, block_tables.to(torch.int32),
+                                             seq_lens.to(torch.int32))
+
+
+class FlashAttnBackend(TorchBackend):
+    """flash-attn for text-only prefill and paged decode (its paged cache wants blocks of 256 tokens);
+    prompts that hold an image need the modality mask, which flash-attn lacks: they use SDPA."""
+
+    name = "flash-attn"
+
+    def __init__(self):
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        self.varlen, self.with_kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
+
+    def prefill(self, q, k, v, cu_seqlens, image_ids):
+        if bool((image_ids >= 0).any()):
+            return super().prefill(q, k, v, cu_seqlens, image_ids)
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        longest = max(e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+        return self.varlen(q, k, v, cu, cu, longest, longest, causal=True)
+
+    def decode(self, q, k_cache, v_cache, block_tables, seq_lens):
+        return self.with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
+                                 block_table=block_tables.to(torch.int32))[:, 0]
+
+
+def make_backend(name: str, device: torch.device) -> TorchBackend:
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        return TritonBackend()
+    if name == "flash-attn":
+        if device.type != "cuda":
+            raise ValueError("the flash-attn backend needs a CUDA device")
+        return FlashAttnBackend()
+    raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-2, -3)
+
+
+class PrefillAttention:
+    """Whole prompts, packed: stores the kept towers' K/V in their pools, attends with the modality mask."""
+
+    def __init__(self, backend: TorchBackend, pools: dict[str, KVPool], slots: dict[str, torch.Tensor],
+                 cu_seqlens: list[int], image_ids: torch.Tensor):
+        self.backend, self.pools, self.slots = backend, pools, slots
+        self.cu_seqlens, self.image_ids = cu_seqlens, image_ids
+
+    def keeps(self, tower: str) -> bool:
+        return tower in self.slots
+
+    def __call__(self, tower, layer, q, k, v):
+        k, v = _token_major(k), _token_major(v)
+        if tower in self.slots:
+            self.pools[tower].write(layer, self.slots[tower], k, v)
+        if q is None:
+            return None
+        return self.backend.prefill(_token_major(q), k, v, self.cu_seqlens, self.image_ids)
+
+
+class DecodeAttention:
+    """One text token per sequence: its K/V go to the cache, its query reads the whole cached sequence."""
+
+    def __init__(self, backend: TorchBackend, pool: KVPool, slots, block_tables, seq_lens):
+        self.backend, self.pool, self.slots = backend, pool, slots
+        self.block_tables, self.seq_lens = block_tables, seq_lens
+
+    def keeps(self, tower: str) -> bool:
+        return tower == "text"
+
+    def __call__(self, tower, layer, q, k, v):
+        self.pool.write(layer, self.slots, _token_major(k), _token_major(v))
+        k_cache, v_cache = self.pool.layer(layer)
+        return self.backend.decode(_token_major(q), k_cache, v_cache, self.block_tables, self.seq_lens)
+
+
+class PrefixAttention:
+    """A denoising step: R rows of N image tokens, each over its cached prompt and its own image."""
+
+    def __init__(self, backend: TorchBackend, pools: dict[str, KVPool], block_tables: dict[str, torch.Tensor],
+                 prefix_lens: torch.Tensor):
+        self.backend, self.pools, self.block_tables, self.prefix_lens = backend, pools, block_tables, prefix_lens
+
+    def keeps(self, tower: str) -> bool:
+        return False
+
+    def __call__(self, tower, layer, q, k, v):
+        k_cache, v_cache = self.pools[tower].layer(layer)
+        return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), k_cache, v_cache,
+                                   self.block_tables[tower], self.prefix_lens)

@@ -1,0 +1,85 @@
+"""The KV cache: fixed-size blocks in one preallocated pool per tower, reference counted.
+
+The text tower's pool holds the keys/values every text query sees (chat, captions); the vision tower's
+pool holds an image prompt's keys/values, reused at every denoising step. A block is shared by every
+request that needs the same prefix (the n images of one request, every request's unconditional prompt).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self.free_ids: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / max(1, self.num_blocks)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free_ids):
+            raise OutOfBlocks(f"{n} blocks wanted, {len(self.free_ids)} free")
+        blocks = [self.free_ids.popleft() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> list[int]:
+        for b in blocks:
+            if self.refs[b] <= 0:
+                raise ValueError(f"block {b} is free; only a held block can be shared")
+            self.refs[b] += 1
+        return list(blocks)
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.refs[b] <= 0:
+                raise ValueError(f"block {b} released twice")
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_ids.append(b)
+
+
+class KVPool:
+    """keys/values of one tower: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget is too small for a single block")
+        self.block_size = block_size
+        self.kv = torch.zeros(layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.blocks = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        return layers * 2 * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[i, 0], self.kv[i, 1]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, kv_heads, head_dim] into flat slots (block * block_size + offset)."""
+        kc, vc = self.layer(layer)
+        kc.view(-1, *kc.shape[2:])[slots] = k
+        vc.view(-1, *vc.shape[2:])[slots] = v
+
+    def blocks_needed(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]

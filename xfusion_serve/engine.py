@@ -1,0 +1,262 @@
+"""The engine: a queue of requests, and a step loop of three lines (schedule, run, postprocess).
+
+It is also the offline Python API: `Engine.from_checkpoint(path)` then `chat`, `complete`, `caption` and
+`generate_images` in batches, with no server.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import prompts
+from .checkpoint import Checkpoint, load_checkpoint
+from .data import decode_latents, encode_images
+from .runner import ModelRunner
+from .sampler import flow_sigmas, guided, initial_noise
+from .sampling import SamplingParams, find_stop, sample_next
+from .scheduler import ImageRequest, Plan, Scheduler, TextRequest
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "torch"
+    kv_cache_memory: int = 64 << 20  # bytes for both towers' KV pools
+    vision_cache_fraction: float = 0.25  # of kv_cache_memory, for image prompts
+    block_size: int = 16
+    max_running: int = 64  # text requests decoding at once
+    max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
+
+    def __post_init__(self):
+        if not 0.0 < self.vision_cache_fraction < 1.0:
+            raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
+        if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:
+            raise ValueError("block_size, max_running and max_image_rows must be positive")
+
+
+@dataclass
+class Event:
+    """What a request did this step: new text ("token"), a denoising step ("step"), or its end ("done")."""
+
+    request_id: str
+    kind: str
+    text: str = ""  # token: the new text; done: the whole text (captions, chat)
+    token_ids: list[int] = field(default_factory=list)
+    step: int = 0
+    steps: int = 0
+    preview: torch.Tensor | None = None  # step: the current x0 prediction (scaled latents), when asked
+    images: list[Image.Image] | None = None  # done (image requests)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None):
+        self.ckpt, self.config = ckpt, config or EngineConfig()
+        c = self.config
+        self.runner = ModelRunner(ckpt, backend=c.attention_backend, kv_cache_bytes=c.kv_cache_memory,
+                                  vision_cache_fraction=c.vision_cache_fraction, block_size=c.block_size)
+        self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,
+                                   ckpt.model.text_config.max_position_embeddings)
+        self.tokenizer = ckpt.tokenizer
+        self.requests: dict[str, TextRequest | ImageRequest] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
+        config = config or EngineConfig()
+        return cls(load_checkpoint(path, dtype=config.dtype, device=config.device), config)
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_text(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        return self._add(TextRequest(prefix=list(prompt_ids), params=params, stop_ids=self._stop_ids(params)))
+
+    def add_caption(self, image: Image.Image, instruction: str | None, params: SamplingParams) -> str:
+        h, w = self.ckpt.config.image_sizes[0]
+        latent = encode_images(self.ckpt.vae, [image], h, w)[0].to(self.runner.device, self.runner.dtype)
+        return self._add(TextRequest(
+            prefix=prompts.caption_prefix(self.tokenizer), image=latent, params=params,
+            suffix=prompts.caption_instruction(self.tokenizer, instruction), stop_ids=self._stop_ids(params),
+            patch_size=self.ckpt.config.patch_size))
+
+    def add_image(self, prompt: str, *, negative_prompt: str = "", n: int = 1, size: tuple[int, int] | None = None,
+                  steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                  preview_every: int = 0) -> str:
+        cfg = self.ckpt.config
+        height, width = size or cfg.image_sizes[0]
+        if (height, width) not in cfg.image_sizes:
+            raise ValueError(f"size {width}x{height} is not one of the trained sizes")
+        vae = self.ckpt.model.vae_info
+        shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
+        seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+        seeds = [seed + i for i in range(n)]
+        latents = torch.stack([initial_noise(shape, s) for s in seeds]).to(self.runner.device)
+        return self._add(ImageRequest(
+            prompt=prompts.generation_prompt(self.tokenizer, prompt),
+            negative=prompts.generation_prompt(self.tokenizer, negative_prompt), seeds=seeds,
+            sigmas=flow_sigmas(steps or cfg.sampler.steps, cfg.sampler.shift),
+            guidance_scale=cfg.sampler.guidance_scale if guidance_scale is None else guidance_scale,
+            latents=latents, preview_every=preview_every))
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.ckpt.eos_token_ids))
+
+    def _add(self, req) -> str:
+        self.requests[req.id] = req
+        self.scheduler.add(req)
+        return req.id
+
+    def cancel(self, request_id: str) -> None:
+        """Frees everything the request holds, at once; it ends with finish_reason "cancelled"."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req, "cancelled")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        plan = self.scheduler.schedule()
+        results = self._run(plan)
+        return self._postprocess(plan, results)
+
+    def _run(self, plan: Plan) -> dict:
+        out: dict = {}
+        if plan.prefill:
+            out["prefill"] = self._sample(plan.prefill, self.runner.prefill(
+                [r.segments() for r in plan.prefill], [r.blocks for r in plan.prefill]))
+        if plan.decode:
+            out["decode"] = self._sample(plan.decode, self.runner.decode(
+                [r.output[-1] for r in plan.decode], [r.length for r in plan.decode], [r.blocks for r in plan.decode]))
+        if plan.prompts:
+            self.runner.prefill_prompts([r.prompt if role == "cond" else r.negative for r, role in plan.prompts],
+                                        [r.tables[role] for r, role in plan.prompts])
+        if plan.denoise:
+            out["denoise"] = self._denoise(plan.denoise)
+        return out
+
+    def _sample(self, reqs: list[TextRequest], logits: torch.Tensor) -> list[int]:
+        return sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _denoise(self, reqs: list[ImageRequest]) -> dict[str, torch.Tensor]:
+        """One Euler step for every running image request, cond and uncond rows in one batch per size."""
+        previews: dict[str, torch.Tensor] = {}
+        by_size: dict[tuple, list[ImageRequest]] = {}
+        for r in reqs:
+            by_size.setdefault(tuple(r.latents.shape[1:]), []).append(r)
+        for group in by_size.values():
+            latents, sigmas, tables, lens = [], [], [], []
+            for r in group:
+                sigma = r.sigmas[r.step]
+                for role in ("cond", "uncond") if r.guided else ("cond",):
+                    ids = r.prompt if role == "cond" else r.negative
+                    latents.append(r.latents)
+                    sigmas += [sigma] * len(r.seeds)
+                    tables += [r.tables[role]] * len(r.seeds)
+                    lens += [len(ids) + 1] * len(r.seeds)
+            v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens)
+            start = 0
+            for r in group:
+                n = len(r.seeds)
+                v_r = v[start : start + n]
+                if r.guided:
+                    v_r = guided(v_r, v[start + n : start + 2 * n], r.guidance_scale)
+                start += 2 * n if r.guided else n
+                sigma, sigma_next = r.sigmas[r.step], r.sigmas[r.step + 1]
+                if r.preview_every and (r.step + 1) % r.preview_every == 0:
+                    previews[r.id] = r.latents - sigma * v_r  # x0 = x_sigma - sigma * v
+                r.latents = r.latents + (sigma_next - sigma) * v_r
+        return previews
+
+    def _postprocess(self, plan: Plan, results: dict) -> list[Event]:
+        events = [Event(r.id, "done", finish_reason="error", error=msg) for r, msg in plan.failed]
+        for r, _ in plan.failed:
+            self.requests.pop(r.id, None)
+        for key in ("prefill", "decode"):
+            for req, token in zip(getattr(plan, key), results.get(key, [])):
+                events += self._append(req, token)
+        finished = []
+        for r in plan.denoise:
+            r.step += 1
+            events.append(Event(r.id, "step", step=r.step, steps=r.steps, preview=results["denoise"].get(r.id)))
+            if r.step == r.steps:
+                finished.append(r)
+        if finished:  # one batched VAE decode for every image that finished this step
+            images = decode_latents(self.ckpt.vae, torch.cat([r.latents for r in finished]))
+            for r in finished:
+                events.append(Event(r.id, "done", images=images[: len(r.seeds)], finish_reason="stop"))
+                images = images[len(r.seeds):]
+                self._end(r, "stop")
+        return events
+
+    def _append(self, req: TextRequest, token: int) -> list[Event]:
+        params = req.params
+        if token in req.stop_ids:
+            return [self._finish_text(req, "stop", "")]
+        req.output.append(token)
+        text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        cut = find_stop(text, params.stop)
+        if cut >= 0:
+            return [self._finish_text(req, "stop", text[:cut])]
+        if len(req.output) >= params.max_tokens or req.length >= self.scheduler.max_model_len:
+            return [self._finish_text(req, "length", text)]
+        # Hold back a trailing partial character, and text that may yet become a stop string.
+        safe = len(text.rstrip("\ufffd"))
+        for s in params.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        delta = text[len(req.text) : safe]
+        req.text = text[: max(safe, len(req.text))]
+        return [Event(req.id, "token", text=delta, token_ids=[token])]
+
+    def _finish_text(self, req: TextRequest, reason: str, text: str) -> Event:
+        """The done event carries the whole text; a streamer sends what its token events had not."""
+        req.text = text
+        self._end(req, reason)
+        return Event(req.id, "done", text=text, finish_reason=reason, step=len(req.output))
+
+    def _end(self, req, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self.requests.pop(req.id, None)
+
+    # ---- offline API -------------------------------------------------------------------------------------
+    def run(self, request_ids: list[str]) -> dict[str, Event]:
+        """Steps until every given request is done -> its done event."""
+        pending, done = set(request_ids), {}
+        while pending:
+            for ev in self.step():
+                if ev.kind == "done" and ev.request_id in pending:
+                    done[ev.request_id] = ev
+                    pending.discard(ev.request_id)
+        return done
+
+    def complete(self, prompt_texts: list[str], params: SamplingParams | None = None) -> list[str]:
+        ids = [self.add_text(self.tokenizer(p).input_ids, params or SamplingParams()) for p in prompt_texts]
+        done = self.run(ids)
+        return [done[i].text for i in ids]
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | None = None) -> list[str]:
+        ids = [self.add_text(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False),
+                             params or SamplingParams()) for c in conversations]
+        done = self.run(ids)
+        return [done[i].text for i in ids]
+
+    def caption(self, images: list[Image.Image], instruction: str | None = None,
+                params: SamplingParams | None = None) -> list[str]:
+        ids = [self.add_caption(im, instruction, params or SamplingParams(max_tokens=64)) for im in images]
+        done = self.run(ids)
+        return [done[i].text for i in ids]
+
+    def generate_images(self, prompt_texts: list[str], seeds: list[int] | None = None, **kw) -> list[Image.Image]:
+        seeds = seeds or [None] * len(prompt_texts)
+        ids = [self.add_image(p, seed=s, **kw) for p, s in zip(prompt_texts, seeds)]
+        done = self.run(ids)
+        return [im for i in ids for im in done[i].images]

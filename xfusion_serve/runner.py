@@ -1,0 +1,105 @@
+"""The model runner: turns scheduled work into flat tensors, runs one batched model call, returns logits
+or velocities. It owns the KV pools; what goes into them is decided by the scheduler."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import DecodeAttention, PrefillAttention, PrefixAttention, make_backend
+from .cache import KVPool
+from .checkpoint import Checkpoint
+from .model import Segment, vision_block_config
+
+
+def _head_shape(cfg) -> tuple[int, int]:
+    return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class ModelRunner:
+    def __init__(self, ckpt: Checkpoint, *, backend: str, kv_cache_bytes: int, vision_cache_fraction: float,
+                 block_size: int):
+        self.model = ckpt.model
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.backend = make_backend(backend, self.device)
+        text_cfg = self.model.text_config
+        vision_cfg = vision_block_config(text_cfg, self.model.config)
+        layers = text_cfg.num_hidden_layers
+        self.pools: dict[str, KVPool] = {}
+        for tower, cfg, share in (("text", text_cfg, 1 - vision_cache_fraction), ("vision", vision_cfg,
+                                                                                  vision_cache_fraction)):
+            heads, dim = _head_shape(cfg)
+            per_block = KVPool.bytes_per_block(layers, heads, dim, block_size, self.dtype)
+            self.pools[tower] = KVPool(layers, heads, dim, int(kv_cache_bytes * share) // per_block, block_size,
+                                       self.dtype, self.device)
+        # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
+        # read image tokens as well).
+        self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(map(len, tables))
+        return self._tensor([t + [-1] * (width - len(t)) for t in tables], torch.int32)
+
+    @torch.no_grad()
+    def prefill(self, sequences: list[list[Segment]], block_tables: list[list[int]]) -> torch.Tensor:
+        """Whole sequences (text and images), packed; the text tower's K/V land in the cache.
+        -> logits [B, V] at each sequence's last token."""
+        embeds, positions, image_ids, slots, cu = [], [], [], [], [0]
+        images_before = 0
+        for segments, table in zip(sequences, block_tables):
+            seq = self.model.embed_sequence(segments)
+            n = len(seq.positions)
+            embeds.append(seq.embeds)
+            positions.append(seq.positions)
+            # Image ids only need to differ within one sequence; offsetting keeps them unique anyway.
+            image_ids.append(torch.where(seq.image_ids >= 0, seq.image_ids + images_before, seq.image_ids))
+            images_before += len(seq.image_slices)
+            slots += self.pools["text"].slots(table, 0, n)
+            cu.append(cu[-1] + n)
+        ids = torch.cat(image_ids)
+        attn = PrefillAttention(self.backend, self.pools, {"text": self._tensor(slots)}, cu, ids)
+        h = self.model(torch.cat(embeds), torch.cat(positions), ids, attn)
+        return self.model.text.logits(h[self._tensor(cu[1:]) - 1])
+
+    @torch.no_grad()
+    def decode(self, last_tokens: list[int], lengths: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One new token per sequence at position length - 1 -> logits [B, V]."""
+        pool = self.pools["text"]
+        slots = [pool.slots(t, n - 1, n)[0] for t, n in zip(block_tables, lengths)]
+        attn = DecodeAttention(self.backend, pool, self._tensor(slots), self._tables(block_tables),
+                               self._tensor(lengths))
+        h = self.model.text.model.embed_tokens(self._tensor(last_tokens))
+        positions = self._tensor(lengths) - 1
+        h = self.model(h, positions, torch.full_like(positions, -1), attn)
+        return self.model.text.logits(h)
+
+    @torch.no_grad()
+    def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> None:
+        """Image prompts (text, then the begin-of-image embedding): only their K/V are kept, for every step."""
+        embed = self.model.text.model.embed_tokens
+        embeds = [torch.cat([embed(self._tensor(ids)), self.model.vision.boi[None]]) for ids in prompts]
+        lengths = [len(e) for e in embeds]
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        slots = {tower: self._tensor([s for t, n in zip(block_tables, lengths) for s in self.pools[tower].slots(
+            t[tower], 0, n)]) for tower in self.prompt_towers}
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        ids = torch.full_like(positions, -1)
+        self.model(torch.cat(embeds), positions, ids, PrefillAttention(self.backend, self.pools, slots, cu, ids))
+
+    @torch.no_grad()
+    def velocity(self, latents: torch.Tensor, sigmas: list[float], block_tables: list[dict[str, list[int]]],
+                 prefix_lengths: list[int]) -> torch.Tensor:
+        """Image tokens only, over their cached prompts: latents [R, C, h, w] at noise sigmas -> velocity."""
+        tokens = self.model.embed_image(latents.to(self.dtype), self._tensor(sigmas, torch.float32))
+        R, N = tokens.shape[:2]
+        lens = self._tensor(prefix_lengths)
+        positions = lens[:, None] + torch.arange(N, device=self.device)
+        tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
+        h = self.model(tokens, positions, torch.zeros_like(positions), PrefixAttention(self.backend, self.pools,
+                                                                                       tables, lens))
+        return self.model.velocity(h, *latents.shape[-2:]).float()
