@@ -62,13 +62,29 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
-    from .evaluate import evaluate_in_process, report
+    from .evaluate import OverHTTP, caption_accuracy, evaluate_in_process, generation_accuracy, report
 
-    ckpt = load_checkpoint(args.checkpoint, device=args.device)
-    results = evaluate_in_process(ckpt, args.captions, args.images, steps=args.steps)
+    if args.base_url:
+        client = OverHTTP(args.base_url, concurrency=args.concurrency, api_key=args.api_key)
+        results = {"captioning": caption_accuracy(client.caption, args.captions),
+                   "generation": generation_accuracy(client.generate, args.images)}
+    else:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        results = evaluate_in_process(ckpt, args.captions, args.images, steps=args.steps)
     for name, acc in results.items():
         print(report(name, acc))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .engine import EngineConfig
+    from .server import ServerConfig, serve
+
+    engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+                          kv_cache_memory=int(args.kv_cache_memory * (1 << 20)))
+    serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
+                       max_queue=args.max_queue, served_model_name=args.served_model_name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_options(p)
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded shapes demo)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the embedded demo)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton", "flash-attn"])
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--kv-cache-memory", type=float, default=64, help="MiB for the KV cache of both towers")
+    p.add_argument("--served-model-name", default=None)
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("eval", help="per-attribute accuracy on the shapes world")
-    p.add_argument("--checkpoint", required=True, help="evaluate this checkpoint in process")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--base-url", help="evaluate a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--checkpoint", help="evaluate this checkpoint in process")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (with --base-url)")
+    p.add_argument("--api-key", default=None)
     p.add_argument("--captions", type=int, default=300, help="fresh images to caption")
     p.add_argument("--images", type=int, default=300, help="fresh prompts to draw")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")

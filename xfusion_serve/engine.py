@@ -52,6 +52,7 @@ class Event:
     steps: int = 0
     preview: torch.Tensor | None = None  # step: the current x0 prediction (scaled latents), when asked
     images: list[Image.Image] | None = None  # done (image requests)
+    seeds: list[int] | None = None  # done (image requests): the seed of each image
     finish_reason: str | None = None
     error: str | None = None
 
@@ -190,7 +191,7 @@ class Engine:
         if finished:  # one batched VAE decode for every image that finished this step
             images = decode_latents(self.ckpt.vae, torch.cat([r.latents for r in finished]))
             for r in finished:
-                events.append(Event(r.id, "done", images=images[: len(r.seeds)], finish_reason="stop"))
+                events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop"))
                 images = images[len(r.seeds):]
                 self._end(r, "stop")
         return events

@@ -76,6 +76,45 @@ class InProcess:
         return decode_latents(self.ckpt.vae, latents)
 
 
+@dataclass
+class OverHTTP:
+    """The captioner and generator of a running server, many requests in flight so the engine batches them."""
+
+    base_url: str
+    concurrency: int = 16
+    api_key: str | None = None
+    timeout: float = 600.0
+
+    def _post(self, path: str, body: dict) -> dict:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = httpx.post(self.base_url.rstrip("/") + path, json=body, headers=headers, timeout=self.timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def _map(self, fn, items):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        from .schemas import image_to_base64
+
+        return self._map(lambda im: self._post("/v1/caption", {"image": image_to_base64(im)})["caption"], images)
+
+    def generate(self, prompt_texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        from .schemas import image_from_base64
+
+        def one(args):
+            prompt, seed = args
+            data = self._post("/v1/generate-image", {"prompt": prompt, "seed": seed, "n": 1})["data"]
+            return image_from_base64(data[0]["b64_json"])
+
+        return self._map(one, list(zip(prompt_texts, seeds)))
+
+
 def report(name: str, acc: dict[str, float]) -> str:
     return f"{name:<11}" + "  ".join(f"{a} {acc[a]:6.1%}" for a in shapes.ATTRIBUTES)
 

@@ -1,0 +1,121 @@
+"""The HTTP service on a tiny checkpoint: the three endpoints, streaming, probes and clear errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from transformers import LlamaForCausalLM
+
+from xfusion_serve import load_checkpoint
+from xfusion_serve.engine import Engine, EngineConfig
+from xfusion_serve.routes import chat_prompt
+from xfusion_serve.schemas import image_to_base64
+from xfusion_serve.server import ServerConfig, create_app
+from xfusion_serve.shapes import sample as shape_sample
+
+
+@pytest.fixture
+def client(random_checkpoint_dir):
+    engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
+    app = create_app(ServerConfig(checkpoint=str(random_checkpoint_dir)), engine=engine)
+    with TestClient(app) as c:
+        c.engine = engine
+        yield c
+
+
+def sse_events(response) -> list:
+    out = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_probes(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+
+
+def test_chat_matches_the_engine_and_streams_the_same_text(client):
+    body = {"messages": [{"role": "user", "content": "a small red circle"}], "max_tokens": 12}
+    r = client.post("/v1/chat", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    engine = client.engine
+    tok = engine.tokenizer
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    assert out["usage"]["completion_tokens"] >= 1
+    # Greedy through HTTP is the frozen LLM's own greedy answer, stopped at its eos ids.
+    ids = chat_prompt(tok, body["messages"])
+    hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=torch.float32).eval()
+    gen = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=1)[0, len(ids):].tolist()
+    gen = gen[: next((i for i, t in enumerate(gen) if t in engine.ckpt.eos_token_ids), len(gen))]
+    assert out["choices"][0]["message"]["content"] == tok.decode(gen, skip_special_tokens=True)
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(gen),
+                            "total_tokens": len(ids) + len(gen)}
+
+    streamed = client.post("/v1/chat", json=body | {"stream": True})
+    events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"]["content"] for e in events[:-1])
+    assert text == out["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+
+
+def test_caption_accepts_base64_and_data_uri(client):
+    image = shape_sample(3, 0)[1]
+    b64 = image_to_base64(image)
+    a = client.post("/v1/caption", json={"image": b64, "max_tokens": 6})
+    b = client.post("/v1/caption", json={"image": "data:image/png;base64," + b64, "max_tokens": 6})
+    assert a.status_code == 200, a.text
+    assert a.json()["caption"] == b.json()["caption"]
+    assert a.json()["object"] == "caption"
+
+
+def test_generate_image_returns_pngs_with_their_seeds(client):
+    r = client.post("/v1/generate-image", json={"prompt": "a red circle", "n": 2, "steps": 2, "seed": 5})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [5, 6]
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
+    assert all(im.format == "PNG" and im.size == (16, 16) for im in images)
+    again = client.post("/v1/generate-image", json={"prompt": "a red circle", "n": 1, "steps": 2, "seed": 5})
+    assert again.json()["data"][0]["b64_json"] == data[0]["b64_json"]
+    wide = client.post("/v1/generate-image", json={"prompt": "x", "size": "16x8", "steps": 1})
+    assert wide.status_code == 200 and Image.open(io.BytesIO(base64.b64decode(
+        wide.json()["data"][0]["b64_json"]))).size == (16, 8)
+
+    streamed = sse_events(client.post("/v1/generate-image", json={"prompt": "a", "steps": 3, "stream": True}))
+    assert [e["step"] for e in streamed if isinstance(e, dict) and e.get("type") == "step"] == [1, 2, 3]
+    assert streamed[-2]["type"] == "completed" and streamed[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/generate-image", {"prompt": "a", "size": "32x32"}, "size"),
+    ("/v1/generate-image", {"prompt": "a", "n": 9}, "n"),
+    ("/v1/chat", {"messages": []}, "messages"),
+    ("/v1/chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ("/v1/caption", {"image": "not base64!"}, "image"),
+    ("/v1/caption", {"image": base64.b64encode(b"not an image").decode()}, "image"),
+])
+def test_bad_requests_get_openai_error_bodies(client, path, body, param):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_an_image_too_large_is_refused_before_decoding(client):
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")  # small file, 25 megapixels
+    r = client.post("/v1/caption", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 400 and "limit" in r.json()["error"]["message"]

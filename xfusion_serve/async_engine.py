@@ -1,0 +1,126 @@
+"""The engine on a thread of its own, for the server: requests go in through a queue, events come back to
+each request's asyncio queue. Cancelling (a client gone, a timeout) frees the request's blocks at the next
+step boundary. One failing step fails the requests in it, never the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from .engine import Engine, Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submit:
+    add: Callable[[Engine], str]  # runs on the engine thread, returns the request id
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    ready: asyncio.Future
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int = 256):
+        self.engine, self.max_waiting = engine, max_waiting
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancels: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Submit] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xfusion-engine", daemon=True)
+        self.running = False
+        self.last_step_at = time.monotonic()
+
+    def start(self) -> None:
+        self.running = True
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self.running = False
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        s = self.engine.scheduler
+        return len(s.text) + len(s.images), len(s.waiting) + self._inbox.qsize()
+
+    async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
+        """Adds a request (on the engine thread) and yields its events until its done event."""
+        loop = asyncio.get_running_loop()
+        sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
+        self._inbox.put(sub)
+        request_id = await sub.ready  # raises what adding raised (bad input)
+        try:
+            while True:
+                ev = await sub.events.get()
+                yield ev
+                if ev.kind == "done":
+                    return
+        finally:
+            if request_id in self._streams:  # the consumer left early: free what the request holds
+                self._cancels.put(request_id)
+
+    # ---- engine thread -----------------------------------------------------------------------------------
+    def _deliver(self, sub: _Submit, ev: Event) -> None:
+        sub.loop.call_soon_threadsafe(sub.events.put_nowait, ev)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                rid = sub.add(self.engine)
+            except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
+                sub.loop.call_soon_threadsafe(_set_exception, sub.ready, e)
+                continue
+            self._streams[rid] = sub
+            sub.loop.call_soon_threadsafe(_set_result, sub.ready, rid)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            while not self._cancels.empty():
+                rid = self._cancels.get_nowait()
+                self.engine.cancel(rid)
+                self._streams.pop(rid, None)
+            if not self.engine.has_work():
+                self.last_step_at = time.monotonic()
+                time.sleep(0.002)
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+                log.exception("engine step failed")
+                events = self._fail_all(str(e))
+            self.last_step_at = time.monotonic()
+            for ev in events:
+                sub = self._streams.get(ev.request_id)
+                if sub is not None:
+                    self._deliver(sub, ev)
+                    if ev.kind == "done":
+                        self._streams.pop(ev.request_id, None)
+
+    def _fail_all(self, message: str) -> list[Event]:
+        events = []
+        for rid in list(self.engine.requests):
+            self.engine.cancel(rid)
+            events.append(Event(rid, "done", finish_reason="error", error=f"internal error: {message}"))
+        return events
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

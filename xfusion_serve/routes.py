@@ -1,0 +1,222 @@
+"""The HTTP routes: validated request -> engine queue -> events -> response (JSON, or server-sent events)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .engine import Engine, Event
+from .sampling import SamplingParams
+from .schemas import CaptionRequest, ChatRequest, ImageRequest, SamplingFields, image_from_base64, image_to_base64
+
+router = APIRouter()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(err: APIError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _server(request: Request):
+    return request.app.state.server
+
+
+def _params(req: SamplingFields) -> SamplingParams:
+    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokenizer's chat template when it has one; otherwise "role: content" lines, then "assistant:"."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text).input_ids
+
+
+async def _events(request: Request, add) -> AsyncIterator[Event]:
+    server = _server(request)
+    if not server.ready:
+        raise APIError(503, "the model is still loading", "service_unavailable", headers={"Retry-After": "5"})
+    running, waiting = server.engine.load()
+    if waiting >= server.config.max_queue:
+        raise APIError(429, "the server is at its queue limit; retry later", "rate_limit_exceeded",
+                       headers={"Retry-After": "1"})
+    stream = server.engine.submit(add)
+    try:
+        first = await anext(stream)
+    except ValueError as e:  # the engine refused the input (a size it was not trained on, ...)
+        raise APIError(400, str(e)) from e
+    yield first
+    async for ev in stream:
+        yield ev
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
+
+
+async def _text_response(request: Request, add, prompt_tokens: int, stream: bool, shape) -> object:
+    """Chat and caption: collect the events into one response, or stream them as server-sent events."""
+    events = _events(request, add)
+    first = await anext(events)  # errors before the first event become HTTP errors
+    rid, created = f"{shape('id')}-{uuid.uuid4().hex[:12]}", int(time.time())
+
+    async def all_events():
+        yield first
+        async for ev in events:
+            yield ev
+
+    if not stream:
+        done = None
+        async for ev in all_events():
+            if ev.kind == "done":
+                done = ev
+        if done.finish_reason == "error":
+            raise APIError(500, done.error or "generation failed", "server_error")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done.step,
+                 "total_tokens": prompt_tokens + done.step}
+        return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=usage)
+
+    async def sse():
+        sent = ""
+        try:
+            async for ev in all_events():
+                if ev.kind == "token" and ev.text:
+                    sent += ev.text
+                    yield _sse(shape("chunk", rid=rid, created=created, text=ev.text, finish=None))
+                elif ev.kind == "done":
+                    if ev.finish_reason == "error":
+                        yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                    else:
+                        yield _sse(shape("chunk", rid=rid, created=created, text=ev.text[len(sent):],
+                                         finish=ev.finish_reason))
+        except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
+            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.post("/v1/chat")
+async def chat(body: ChatRequest, request: Request):
+    server = _server(request)
+    ids = chat_prompt(server.tokenizer, [m.model_dump() for m in body.messages])
+    params = _params(body)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "chatcmpl"
+        if kind == "full":
+            return {"id": k["rid"], "object": "chat.completion", "created": k["created"], "model": server.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": k["text"]},
+                                 "finish_reason": k["finish"]}], "usage": k["usage"]}
+        return {"id": k["rid"], "object": "chat.completion.chunk", "created": k["created"],
+                "model": server.model_name,
+                "choices": [{"index": 0, "delta": {"content": k["text"]}, "finish_reason": k["finish"]}]}
+
+    return await _text_response(request, lambda e: e.add_text(ids, params), len(ids), body.stream, shape)
+
+
+@router.post("/v1/caption")
+async def caption(body: CaptionRequest, request: Request):
+    server = _server(request)
+    try:
+        image = image_from_base64(body.image)
+    except ValueError as e:
+        raise APIError(400, str(e), param="image") from e
+    params = _params(body)
+
+    def add(engine: Engine) -> str:
+        return engine.add_caption(image, body.prompt, params)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "cap"
+        if kind == "full":
+            return {"id": k["rid"], "object": "caption", "created": k["created"], "model": server.model_name,
+                    "caption": k["text"], "finish_reason": k["finish"], "usage": k["usage"]}
+        return {"id": k["rid"], "object": "caption.chunk", "created": k["created"], "model": server.model_name,
+                "delta": k["text"], "finish_reason": k["finish"]}
+
+    return await _text_response(request, add, 0, body.stream, shape)
+
+
+@router.post("/v1/generate-image")
+async def generate_image(body: ImageRequest, request: Request):
+    server = _server(request)
+    size = None
+    if body.size:
+        w, h = map(int, body.size.split("x"))
+        size = (h, w)
+        trained = server.trained_sizes
+        if size not in trained:
+            raise APIError(400, f"size {body.size} is not a trained size ({', '.join(f'{w}x{h}' for h, w in trained)})",
+                           param="size")
+
+    def add(engine: Engine) -> str:
+        return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
+                                steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
+                                preview_every=body.preview_every)
+
+    events = _events(request, add)
+    first = await anext(events)
+    created = int(time.time())
+
+    async def all_events():
+        yield first
+        async for ev in events:
+            yield ev
+
+    def result(ev: Event) -> dict:
+        return {"created": created, "data": [{"b64_json": image_to_base64(im), "seed": s}
+                                             for im, s in zip(ev.images, ev.seeds)]}
+
+    if not body.stream:
+        done = None
+        async for ev in all_events():
+            if ev.kind == "done":
+                done = ev
+        if done.finish_reason == "error":
+            raise APIError(500, done.error or "generation failed", "server_error")
+        return result(done)
+
+    async def sse():
+        try:
+            async for ev in all_events():
+                if ev.kind == "step":
+                    yield _sse({"type": "step", "step": ev.step, "steps": ev.steps})
+                elif ev.kind == "done":
+                    if ev.finish_reason == "error":
+                        yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                    else:
+                        yield _sse({"type": "completed"} | result(ev))
+        except Exception as e:  # noqa: BLE001
+            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    server = _server(request)
+    if not server.ready or not server.engine.running:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return {"status": "ready", "model": server.model_name}

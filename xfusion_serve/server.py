@@ -1,0 +1,101 @@
+"""The FastAPI application and `xfusion-serve serve`: load the checkpoint, warm up, run the engine loop."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+
+from .async_engine import AsyncEngine
+from .engine import Engine, EngineConfig
+from .routes import APIError, error_response, router
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "shapes-demo"
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: str | None = None  # None: the embedded default
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_queue: int = 256
+    served_model_name: str | None = None
+
+
+class ServerState:
+    """Everything the routes need, passed through app.state (no module-level globals)."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.checkpoint = Path(config.checkpoint) if config.checkpoint else DEFAULT_CHECKPOINT
+        self.model_name = config.served_model_name or self.checkpoint.name
+        self.engine: AsyncEngine | None = None
+        self.tokenizer = None
+        self.trained_sizes: list[tuple[int, int]] = []
+        self.ready = False
+
+    def load(self, engine: Engine | None = None) -> None:
+        engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
+        self.tokenizer = engine.tokenizer
+        self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
+        warm_up(engine)
+        self.engine = AsyncEngine(engine)
+        self.engine.start()
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def warm_up(engine: Engine) -> None:
+    """One request of each kind through every path before the server says it is ready."""
+    from PIL import Image
+
+    ids = [engine.add_text(engine.tokenizer("hello").input_ids, SamplingParams(max_tokens=2)),
+           engine.add_caption(Image.new("RGB", (64, 64), "white"), None, SamplingParams(max_tokens=2)),
+           engine.add_image("warm up", steps=1, seed=0)]
+    engine.run(ids)
+
+
+def create_app(config: ServerConfig | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app; `engine` lets tests and embedders pass one already loaded."""
+    state = ServerState(config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.load(engine)
+        log.info("serving %s", state.checkpoint)
+        yield
+        state.close()
+
+    app = FastAPI(title="xfusion-serve", lifespan=lifespan)
+    app.state.server = state
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return error_response(APIError(400, f"{param}: {first.get('msg', 'invalid request')}", param=param))
+
+    return app
+
+
+def serve(config: ServerConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
