@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; the Docker image installs a CUDA build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test slow clean
+.PHONY: install test slow serve demo clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,14 @@ test: install
 
 slow: install
 	$(PY) -m pytest -q -m slow
+
+serve: install
+	$(VENV)/bin/xfusion-serve serve
+
+# Rebuilds the embedded default checkpoint from nothing (about 40 minutes on 2 CPU cores).
+demo: install
+	rm -rf xfusion_serve/checkpoints/shapes-demo
+	$(PY) -m xfusion_serve.demo.recipe --out xfusion_serve/checkpoints/shapes-demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# Triton picks interpreter or compiler once, at its first import (transformers imports it through torch);
+# on CPU the project's kernels can only run under the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
 from pathlib import Path
 
 import pytest

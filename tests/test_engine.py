@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
@@ -130,6 +131,22 @@ def test_preemption_recomputes_and_gives_the_same_tokens(random_checkpoint_dir):
     assert_all_free(tight)
 
 
+def test_arrivals_while_decoding_in_a_tight_cache(random_checkpoint_dir):
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    expected = run_text(make_engine(random_checkpoint_dir), PROMPTS, params)
+    per_block = KVPool.bytes_per_block(layers=2, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    engine = make_engine(random_checkpoint_dir, kv_cache_memory=int(11 * per_block / 0.75))
+    reqs = []
+    for p in PROMPTS:  # one new request every other step, joining those already decoding
+        reqs.append(engine.requests[engine.add_text(p, params)])
+        engine.step()
+        engine.step()
+    engine.run([r.id for r in reqs if r.finish_reason is None])
+    assert [r.output for r in reqs] == expected
+    assert engine.scheduler.preemptions > 0
+    assert_all_free(engine)
+
+
 def test_cancel_mid_way_frees_every_block(random_checkpoint_dir):
     engine = make_engine(random_checkpoint_dir)
     text = [engine.add_text(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in PROMPTS]
@@ -161,3 +178,14 @@ def test_stops_and_limits(random_checkpoint_dir):
     done = engine.run([rid])[rid]
     assert done.finish_reason == "stop" and done.text == full[: full.index(word)]
     assert_all_free(engine)
+
+
+def test_triton_backend_agrees_with_torch(random_checkpoint_dir):
+    pytest.importorskip("triton")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    torch_engine, triton_engine = make_engine(random_checkpoint_dir), make_engine(
+        random_checkpoint_dir, attention_backend="triton")
+    assert run_text(triton_engine, PROMPTS, params) == run_text(torch_engine, PROMPTS, params)
+    image = shape_sample(2, 1)[1]
+    assert triton_engine.caption([image], params=params) == torch_engine.caption([image], params=params)
+    assert_all_free(triton_engine)

@@ -178,19 +178,20 @@ class Scheduler:
         for req in list(self.text):
             if req in fresh or req not in self.text:
                 continue
-            if self._ensure_block(req):
+            if self._ensure_block(req, fresh):
                 plan.decode.append(req)
         plan.denoise = [r for r in self.images]
         return plan
 
-    def _ensure_block(self, req: TextRequest) -> bool:
-        """Room for the K/V of req's newest token; preempts the newest other requests if need be."""
+    def _ensure_block(self, req: TextRequest, fresh: set) -> bool:
+        """Room for the K/V of req's newest token; preempts the newest decoding requests if need be
+        (never one prefilled in this very step: its blocks are in use by this step's plan)."""
         pool = self.pools["text"]
         while pool.blocks_needed(req.length) > len(req.blocks):
             if pool.blocks.num_free:
                 req.blocks += pool.blocks.allocate(1)
                 continue
-            victim = self.text[-1]
+            victim = next(r for r in reversed(self.text) if r not in fresh)  # req itself at the latest
             self._preempt(victim)
             if victim is req:
                 return False
