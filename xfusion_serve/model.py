@@ -258,6 +258,19 @@ def padded_forward(model: "XFusionModel", h: torch.Tensor, positions: torch.Tens
     return model(h, positions, image_ids, MaskedAttention(attention_mask(image_ids, valid)))
 
 
+def pad_sequences(seqs: list["SequenceInputs"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths -> right-padded (embeds, positions, image_ids, valid)."""
+    T, first = max(len(s.positions) for s in seqs), seqs[0].embeds
+    h = first.new_zeros(len(seqs), T, first.shape[-1])
+    positions = torch.zeros(len(seqs), T, dtype=torch.long, device=first.device)
+    image_ids = torch.full((len(seqs), T), -1, dtype=torch.long, device=first.device)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool, device=first.device)
+    for b, s in enumerate(seqs):
+        n = len(s.positions)
+        h[b, :n], positions[b, :n], image_ids[b, :n], valid[b, :n] = s.embeds, s.positions, s.image_ids, True
+    return h, positions, image_ids, valid
+
+
 class XFusionModel(nn.Module):
     def __init__(self, text_cfg: LlamaConfig, cfg: XFusionConfig, vae: VAEInfo):
         super().__init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import prompts
-from .model import ImageSegment, XFusionModel, padded_forward
+from .model import ImageSegment, XFusionModel, pad_sequences, padded_forward
 
 
 def flow_sigmas(steps: int, shift: float) -> list[float]:
@@ -33,16 +33,7 @@ def guided(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.
 
 def _run_padded(model: XFusionModel, segment_lists: list[list]) -> tuple[torch.Tensor, list]:
     seqs = [model.embed_sequence(s) for s in segment_lists]
-    T = max(len(s.positions) for s in seqs)
-    dev, dtype, D = seqs[0].embeds.device, seqs[0].embeds.dtype, seqs[0].embeds.shape[-1]
-    h = torch.zeros(len(seqs), T, D, dtype=dtype, device=dev)
-    pos = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
-    ids = torch.full((len(seqs), T), -1, dtype=torch.long, device=dev)
-    valid = torch.zeros(len(seqs), T, dtype=torch.bool, device=dev)
-    for b, s in enumerate(seqs):
-        n = len(s.positions)
-        h[b, :n], pos[b, :n], ids[b, :n], valid[b, :n] = s.embeds, s.positions, s.image_ids, True
-    return padded_forward(model, h, pos, ids, valid), seqs
+    return padded_forward(model, *pad_sequences(seqs)), seqs
 
 
 @torch.no_grad()

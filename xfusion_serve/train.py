@@ -26,7 +26,7 @@ from . import prompts
 from .checkpoint import load_checkpoint, save_vision_tower
 from .config import CONFIG_FILE
 from .data import encode_dataset, open_dataset
-from .model import ImageSegment, XFusionModel, padded_forward
+from .model import ImageSegment, XFusionModel, pad_sequences, padded_forward
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -86,16 +86,8 @@ class TrainStep(nn.Module):
     def forward(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         seqs = [model.embed_sequence(s["segments"]) for s in batch]
-        T = max(len(s.positions) for s in seqs)
-        B, dev = len(seqs), seqs[0].embeds.device
-        h = torch.zeros(B, T, seqs[0].embeds.shape[-1], dtype=seqs[0].embeds.dtype, device=dev)
-        positions = torch.zeros(B, T, dtype=torch.long, device=dev)
-        image_ids = torch.full((B, T), -1, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        for b, s in enumerate(seqs):
-            n = len(s.positions)
-            h[b, :n], positions[b, :n], image_ids[b, :n], valid[b, :n] = s.embeds, s.positions, s.image_ids, True
-        out = padded_forward(model, h, positions, image_ids, valid)
+        dev = seqs[0].embeds.device
+        out = padded_forward(model, *pad_sequences(seqs))
 
         ar, dm = out.new_zeros(()).float(), out.new_zeros(()).float()
         for b, (s, seq) in enumerate(zip(batch, seqs)):

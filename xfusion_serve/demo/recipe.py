@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm-steps", type=int, default=1500)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--train-steps", type=int, default=5000)
+    # The paper's 0.2 starves a tiny model trained for minutes of caption signal (captions collapse onto a
+    # couple of colours); the demo weighs both losses alike.
+    p.add_argument("--lambda-ar", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-samples", type=int, default=300)
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                            sampler=SamplerDefaults(steps=args.sampler_steps, guidance_scale=args.guidance_scale))
     cfg = TrainConfig(checkpoint=str(init), out=str(work / "trained"), steps=args.train_steps,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=100, lr_schedule="cosine",
+                      lambda_ar=args.lambda_ar,
                       seed=args.seed, data_seed=args.seed, save_every=1000,
                       instructions=["", "Describe the image.", "What is in this picture?", "What do you see?"])
     t1 = time.time()

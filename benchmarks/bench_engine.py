@@ -1,0 +1,133 @@
+"""Engine throughput against its baselines, on the same weights in one run (not a test: it prints figures).
+
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20]
+
+chat tok/s at 1 and 16 concurrent requests:
+    engine            continuous batching, paged KV cache
+    transformers      `generate` on the text tower, one request after another
+    static loop       a bare static-cache greedy decode loop of the same model (the floor)
+images/s at 1 and 8 concurrent requests:
+    engine            prompt K/V cached once, image tokens only per step, CFG rows batched
+    naive             the whole sequence through both towers at every step, two CFG passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from xfusion_serve import prompts
+from xfusion_serve.data import decode_latents
+from xfusion_serve.engine import Engine, EngineConfig
+from xfusion_serve.model import ImageSegment
+from xfusion_serve.reference import reference_forward
+from xfusion_serve.sampler import flow_sigmas, guided, initial_noise
+from xfusion_serve.sampling import SamplingParams
+from xfusion_serve.server import DEFAULT_CHECKPOINT
+
+QUESTIONS = ["What shapes are there?", "Hello", "What colors are there?", "Is a circle a shape?"]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def chat_ids(engine: Engine, n: int) -> list[list[int]]:
+    return [engine.tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                                 add_generation_prompt=True, return_dict=False) for i in range(n)]
+
+
+@torch.no_grad()
+def static_loop(model, prompt: list[int], tokens: int) -> list[int]:
+    """Greedy decoding with a preallocated [layers, 2, heads, T, d] cache written in place (gpt-fast's shape)."""
+    text = model.text
+    layers = text.model.layers
+    attn0 = layers[0].self_attn
+    cache = torch.zeros(len(layers), 2, attn0.kv_heads, len(prompt) + tokens, attn0.head_dim)
+    ids, out = torch.tensor(prompt), []
+    pos = torch.arange(len(prompt))
+    for _ in range(tokens):
+        h = text.model.embed_tokens(ids)
+        cos, sin = model.rope(pos, h.dtype)
+        end = int(pos[-1]) + 1
+        for i, block in enumerate(layers):
+            x = block.input_layernorm(h)
+            k, v = block.self_attn.kv(x, cos, sin)
+            cache[i, 0, :, pos], cache[i, 1, :, pos] = k, v
+            q = block.self_attn.q(x, cos, sin)
+            a = F.scaled_dot_product_attention(q, cache[i, 0, :, :end], cache[i, 1, :, :end],
+                                               is_causal=len(pos) > 1, enable_gqa=True)
+            h = block.finish(h, a.transpose(0, 1))
+        token = int(text.logits(h[-1:]).argmax(-1))
+        out.append(token)
+        ids, pos = torch.tensor([token]), torch.tensor([end])
+    return out
+
+
+@torch.no_grad()
+def naive_images(model, vae, tokenizer, prompt_texts, seeds, steps, guidance, shift, latent_shape):
+    images = []
+    for text, seed in zip(prompt_texts, seeds):
+        cond, uncond = prompts.generation_prompt(tokenizer, text), prompts.generation_prompt(tokenizer, "")
+        x = initial_noise(latent_shape, seed)
+        sigmas = flow_sigmas(steps, shift)
+        for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
+            v_c = reference_forward(model, [cond, ImageSegment(x, sigma)])[1][0]
+            v_u = reference_forward(model, [uncond, ImageSegment(x, sigma)])[1][0]
+            x = x + (nxt - sigma) * guided(v_c, v_u, guidance)
+        images.append(x)
+    return decode_latents(vae, torch.stack(images))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    engine = Engine.from_checkpoint(args.checkpoint, EngineConfig())
+    model, tok = engine.ckpt.model, engine.tokenizer
+    hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    print(f"checkpoint {args.checkpoint}  torch threads {torch.get_num_threads()}")
+    engine.complete(["warm up"], SamplingParams(max_tokens=4))
+
+    print(f"\nchat, {args.tokens} new tokens per request (tok/s)")
+    for n in (1, 16):
+        batch = chat_ids(engine, n)
+        t_engine = timed(lambda: engine.run([engine.add_text(ids, params) for ids in batch]))
+        t_hf = timed(lambda: [hf.generate(torch.tensor([ids]), max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                          do_sample=False) for ids in batch])
+        t_loop = timed(lambda: [static_loop(model, ids, args.tokens) for ids in batch])
+        total = n * args.tokens
+        print(f"  {n:>2} concurrent: engine {total / t_engine:8.1f}   transformers {total / t_hf:8.1f}   "
+              f"static loop {total / t_loop:8.1f}   engine/transformers {t_hf / t_engine:5.2f}x")
+
+    h, w = engine.ckpt.config.image_sizes[0]
+    vae = model.vae_info
+    shape = (vae.latent_channels, h // vae.downsample, w // vae.downsample)
+    s = engine.ckpt.config.sampler
+    print(f"\nimages, {args.steps} steps, guidance {s.guidance_scale} (images/s, VAE decode included)")
+    for n in (1, 8):
+        texts, seeds = [f"a small red circle at the top left {i}" for i in range(n)], list(range(n))
+
+        def run_engine():
+            ids = [engine.add_image(t, seed=sd, steps=args.steps) for t, sd in zip(texts, seeds)]
+            while engine.has_work():
+                engine.step()
+            return ids
+
+        t_engine = timed(run_engine)
+        t_naive = timed(lambda: naive_images(model, engine.ckpt.vae, tok, texts, seeds, args.steps, s.guidance_scale, s.shift, shape))
+        print(f"  {n:>2} concurrent: engine {n / t_engine:8.2f}   naive {n / t_naive:8.2f}   "
+              f"engine/naive {t_naive / t_engine:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
