@@ -189,3 +189,28 @@ def test_triton_backend_agrees_with_torch(random_checkpoint_dir):
     image = shape_sample(2, 1)[1]
     assert triton_engine.caption([image], params=params) == torch_engine.caption([image], params=params)
     assert_all_free(triton_engine)
+
+
+def test_answers_ending_in_eos_keep_their_text(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    free = run_text(engine, [PROMPTS[0]], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    rid = engine.add_text(PROMPTS[0], SamplingParams(max_tokens=10, stop_token_ids=[free[3]]))
+    done = engine.run([rid])[rid]
+    assert done.finish_reason == "stop"
+    assert done.text == engine.tokenizer.decode(free[: free.index(free[3])], skip_special_tokens=True)
+
+
+def test_two_sizes_finishing_together_and_a_request_longer_than_the_cache(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    ids = [engine.add_image("a", size=(16, 16), steps=2, seed=1), engine.add_image("b", size=(8, 16), steps=2, seed=2)]
+    done = engine.run(ids)
+    assert done[ids[0]].images[0].size == (16, 16) and done[ids[1]].images[0].size == (16, 8)
+    per_block = KVPool.bytes_per_block(layers=2, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    tiny = make_engine(random_checkpoint_dir, kv_cache_memory=int(3 * per_block / 0.75))
+    rid = tiny.add_text(PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    done = tiny.run([rid])[rid]
+    # 3 blocks hold 12 tokens: the prompt, then outputs, the newest one sampled but not yet cached.
+    assert done.finish_reason == "length" and done.step == 12 - len(PROMPTS[0]) + 1
+    rid = tiny.add_text(PROMPTS[2], SamplingParams(max_tokens=4))  # 21 prompt tokens never fit
+    assert tiny.run([rid])[rid].error_type == "invalid_request_error"
+    assert_all_free(tiny)

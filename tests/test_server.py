@@ -119,3 +119,29 @@ def test_an_image_too_large_is_refused_before_decoding(client):
     Image.new("1", (5000, 5000)).save(buf, format="PNG")  # small file, 25 megapixels
     r = client.post("/v1/caption", json={"image": base64.b64encode(buf.getvalue()).decode()})
     assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
+
+
+def test_a_prompt_longer_than_the_model_is_a_client_error(client):
+    r = client.post("/v1/chat", json={"messages": [{"role": "user", "content": "a " * 300}]})
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"]
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, monkeypatch):
+    runner = client.engine.runner
+    real = runner.decode
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "decode", flaky)
+    body = {"messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 6, "ignore_eos": True}
+    r = client.post("/v1/chat", json=body)
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    assert client.post("/v1/chat", json=body).status_code == 200
+    assert client.get("/ready").status_code == 200
+    pools = runner.pools["text"].blocks
+    assert pools.num_free == pools.num_blocks

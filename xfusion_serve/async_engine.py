@@ -55,14 +55,17 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
         self._inbox.put(sub)
-        request_id = await sub.ready  # raises what adding raised (bad input)
+        request_id = None
         try:
+            request_id = await sub.ready  # raises what adding raised (bad input)
             while True:
                 ev = await sub.events.get()
                 yield ev
                 if ev.kind == "done":
                     return
         finally:
+            if request_id is None and sub.ready.done() and not sub.ready.cancelled() and not sub.ready.exception():
+                request_id = sub.ready.result()  # left while the request was being added
             if request_id in self._streams:  # the consumer left early: free what the request holds
                 self._cancels.put(request_id)
 
@@ -109,11 +112,17 @@ class AsyncEngine:
                         self._streams.pop(ev.request_id, None)
 
     def _fail_all(self, message: str) -> list[Event]:
+        """After a failed step: every request still streaming ends with an error and gives its blocks back."""
         events = []
-        for rid in list(self.engine.requests):
+        for rid in set(self.engine.requests) | set(self._streams):
             self.engine.cancel(rid)
-            events.append(Event(rid, "done", finish_reason="error", error=f"internal error: {message}"))
+            events.append(Event(rid, "done", finish_reason="error", error=f"internal error: {message}",
+                                error_type="server_error"))
         return events
+
+    @property
+    def alive(self) -> bool:
+        return self.running and self._thread.is_alive()
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

@@ -38,6 +38,8 @@ class EngineConfig:
             raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
         if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:
             raise ValueError("block_size, max_running and max_image_rows must be positive")
+        if self.attention_backend == "flash-attn" and (self.block_size % 256 or self.dtype == "float32"):
+            raise ValueError("the flash-attn backend needs block_size a multiple of 256 and dtype bfloat16 or float16")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Event:
     seeds: list[int] | None = None  # done (image requests): the seed of each image
     finish_reason: str | None = None
     error: str | None = None
+    error_type: str | None = None  # "invalid_request_error" (the request itself) or "server_error"
 
 
 class Engine:
@@ -138,6 +141,7 @@ class Engine:
         if plan.prompts:
             self.runner.prefill_prompts([r.prompt if role == "cond" else r.negative for r, role in plan.prompts],
                                         [r.tables[role] for r, role in plan.prompts])
+            self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
         if plan.denoise:
             out["denoise"] = self._denoise(plan.denoise)
         return out
@@ -176,9 +180,12 @@ class Engine:
         return previews
 
     def _postprocess(self, plan: Plan, results: dict) -> list[Event]:
-        events = [Event(r.id, "done", finish_reason="error", error=msg) for r, msg in plan.failed]
+        events = [Event(r.id, "done", finish_reason="error", error=msg, error_type="invalid_request_error")
+                  for r, msg in plan.failed]
         for r, _ in plan.failed:
             self.requests.pop(r.id, None)
+        for r in plan.out_of_room:  # alone and still longer than the whole cache: it ends here
+            events.append(self._finish_text(r, "length", self.tokenizer.decode(r.output, skip_special_tokens=True)))
         for key in ("prefill", "decode"):
             for req, token in zip(getattr(plan, key), results.get(key, [])):
                 events += self._append(req, token)
@@ -188,9 +195,12 @@ class Engine:
             events.append(Event(r.id, "step", step=r.step, steps=r.steps, preview=results["denoise"].get(r.id)))
             if r.step == r.steps:
                 finished.append(r)
-        if finished:  # one batched VAE decode for every image that finished this step
-            images = decode_latents(self.ckpt.vae, torch.cat([r.latents for r in finished]))
-            for r in finished:
+        by_size: dict[tuple, list[ImageRequest]] = {}
+        for r in finished:
+            by_size.setdefault(tuple(r.latents.shape[1:]), []).append(r)
+        for group in by_size.values():  # one batched VAE decode per size for the images done this step
+            images = decode_latents(self.ckpt.vae, torch.cat([r.latents for r in group]))
+            for r in group:
                 events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop"))
                 images = images[len(r.seeds):]
                 self._end(r, "stop")
@@ -198,8 +208,8 @@ class Engine:
 
     def _append(self, req: TextRequest, token: int) -> list[Event]:
         params = req.params
-        if token in req.stop_ids:
-            return [self._finish_text(req, "stop", "")]
+        if token in req.stop_ids:  # the stop token itself is not part of the answer
+            return [self._finish_text(req, "stop", self.tokenizer.decode(req.output, skip_special_tokens=True))]
         req.output.append(token)
         text = self.tokenizer.decode(req.output, skip_special_tokens=True)
         cut = find_stop(text, params.stop)

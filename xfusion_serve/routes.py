@@ -63,6 +63,12 @@ async def _events(request: Request, add) -> AsyncIterator[Event]:
         yield ev
 
 
+def _done_error(done: Event) -> APIError:
+    if done.error_type == "invalid_request_error":
+        return APIError(400, done.error or "invalid request")
+    return APIError(500, done.error or "generation failed", "server_error")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
@@ -84,7 +90,7 @@ async def _text_response(request: Request, add, prompt_tokens: int, stream: bool
             if ev.kind == "done":
                 done = ev
         if done.finish_reason == "error":
-            raise APIError(500, done.error or "generation failed", "server_error")
+            raise _done_error(done)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done.step,
                  "total_tokens": prompt_tokens + done.step}
         return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=usage)
@@ -189,7 +195,7 @@ async def generate_image(body: ImageRequest, request: Request):
             if ev.kind == "done":
                 done = ev
         if done.finish_reason == "error":
-            raise APIError(500, done.error or "generation failed", "server_error")
+            raise _done_error(done)
         return result(done)
 
     async def sse():
@@ -217,6 +223,6 @@ async def health():
 @router.get("/ready")
 async def ready(request: Request):
     server = _server(request)
-    if not server.ready or not server.engine.running:
+    if not server.ready or not server.engine.alive:
         return JSONResponse({"status": "loading"}, status_code=503)
     return {"status": "ready", "model": server.model_name}

@@ -97,9 +97,8 @@ class Plan:
     prompts: list[ImageRequest] = field(default_factory=list)  # whose prompts need prefilling now
     denoise: list[ImageRequest] = field(default_factory=list)
     failed: list[tuple[object, str]] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.prompts or self.denoise or self.failed)
+    out_of_room: list[TextRequest] = field(default_factory=list)  # alone, and the whole cache is too small
+    pin: list[tuple[int, ...]] = field(default_factory=list)  # prompt-cache keys to pin once prefilled
 
 
 class Scheduler:
@@ -120,10 +119,15 @@ class Scheduler:
     def add(self, req) -> None:
         self.waiting.append(req)
 
+    def capacity(self, tower: str) -> int:
+        """Blocks a request can ever get: the pool less what stays pinned."""
+        pinned = sum(len(self.prompt_cache[k].get(tower, [])) for k in self.pinned)
+        return self.pools[tower].blocks.num_blocks - pinned
+
     def _admit_text(self, req: TextRequest, plan: Plan) -> bool:
         pool = self.pools["text"]
         need = pool.blocks_needed(req.length)
-        if req.length >= self.max_model_len or need > pool.blocks.num_blocks:
+        if req.length >= self.max_model_len or need > self.capacity("text"):
             plan.failed.append((req, f"the prompt ({req.length} tokens) does not fit the model or the KV cache"))
             return True
         if len(self.text) >= self.max_running or need > pool.blocks.num_free:
@@ -144,7 +148,7 @@ class Scheduler:
         for ids in {tuple(p) for p in prompts.values()}:
             for t, n in self._prompt_blocks_needed(list(ids)).items():
                 needs[t] += n
-        if any(n > self.pools[t].blocks.num_blocks for t, n in needs.items()):
+        if any(n > self.capacity(t) for t, n in needs.items()):
             plan.failed.append((req, "the prompt does not fit the KV cache"))
             return True
         rows = sum(len(r.seeds) * (2 if r.guided else 1) for r in self.images)
@@ -158,7 +162,7 @@ class Scheduler:
                                           for t in self.prompt_towers}
                 plan.prompts.append((req, role))
                 if role == "uncond" and not ids[1:]:
-                    self.pinned.add(key)
+                    plan.pin.append(key)
             req.tables[role] = {t: self.pools[t].blocks.share(b) for t, b in self.prompt_cache[key].items()}
         self.images.append(req)
         return True
@@ -180,6 +184,10 @@ class Scheduler:
                 continue
             if self._ensure_block(req, fresh):
                 plan.decode.append(req)
+            elif req.blocks == [] and not self.text and req in self.waiting:
+                # It was alone and preempted itself: no cache can ever hold it. It ends, not errs.
+                self.waiting.remove(req)
+                plan.out_of_room.append(req)
         plan.denoise = [r for r in self.images]
         return plan
 

@@ -173,7 +173,8 @@ def train(cfg: TrainConfig) -> Path:
     ckpt.vae = None  # the VAE is done once latents are cached
 
     step_fn = TrainStep(model)
-    runner = nn.parallel.DistributedDataParallel(step_fn) if world > 1 else step_fn
+    # A rank's share may hold no generation sample (no velocity head used): DDP must not wait for it.
+    runner = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True) if world > 1 else step_fn
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start = 0
