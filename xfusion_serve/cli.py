@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> None:
     from .server import ServerConfig, serve
 
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-                          kv_cache_memory=int(args.kv_cache_memory * (1 << 20)))
+                          kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name))
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-backend", default="torch", choices=["torch", "triton", "flash-attn"])
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--kv-cache-memory", type=float, default=64, help="MiB for the KV cache of both towers")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (flash-attn: 256)")
     p.add_argument("--served-model-name", default=None)
     p.set_defaults(func=_serve)
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
