@@ -98,18 +98,18 @@ def test_generate_image_returns_pngs_with_their_seeds(client):
     assert streamed[-2]["type"] == "completed" and streamed[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/generate-image", {"prompt": "a", "size": "32x32"}, "size"),
-    ("/v1/generate-image", {"prompt": "a", "n": 9}, "n"),
-    ("/v1/chat", {"messages": []}, "messages"),
-    ("/v1/chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-    ("/v1/chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
-    ("/v1/caption", {"image": "not base64!"}, "image"),
-    ("/v1/caption", {"image": base64.b64encode(b"not an image").decode()}, "image"),
+@pytest.mark.parametrize("path, body, param, status", [
+    ("/v1/generate-image", {"prompt": "a", "size": "32x32"}, "size", 400),  # well formed, not possible
+    ("/v1/caption", {"image": "not base64!"}, "image", 400),
+    ("/v1/caption", {"image": base64.b64encode(b"not an image").decode()}, "image", 400),
+    ("/v1/generate-image", {"prompt": "a", "n": 9}, "n", 422),  # against the schema
+    ("/v1/chat", {"messages": []}, "messages", 422),
+    ("/v1/chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", 422),
+    ("/v1/chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", 422),
 ])
-def test_bad_requests_get_openai_error_bodies(client, path, body, param):
+def test_bad_requests_get_openai_error_bodies(client, path, body, param, status):
     r = client.post(path, json=body)
-    assert r.status_code == 400, r.text
+    assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
 

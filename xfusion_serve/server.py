@@ -90,7 +90,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error_response(APIError(400, f"{param}: {first.get('msg', 'invalid request')}", param=param))
+        return error_response(APIError(422, f"{param}: {first.get('msg', 'invalid request')}", param=param))
 
     return app
 
