@@ -145,3 +145,21 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, monkey
     assert client.get("/ready").status_code == 200
     pools = runner.pools["text"].blocks
     assert pools.num_free == pools.num_blocks
+
+
+def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
+    engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
+    config = ServerConfig(api_keys=["k1", "k2"], max_body_bytes=4096)
+    with TestClient(create_app(config, engine=engine)) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert c.post("/v1/chat", json=body).status_code == 401
+        wrong = c.post("/v1/chat", json=body, headers={"Authorization": "Bearer k3"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        for key in ("k1", "k2"):
+            assert c.post("/v1/chat", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200  # probes stay open
+        r = c.post("/v1/chat", json=body, headers={"Authorization": "Bearer k1", "X-Request-Id": "abc-123"})
+        assert r.headers["X-Request-Id"] == "abc-123"
+        assert len(c.get("/health").headers["X-Request-Id"]) == 32
+        big = c.post("/v1/caption", json={"image": "A" * 8000}, headers={"Authorization": "Bearer k1"})
+        assert big.status_code == 413 and "error" in big.json()

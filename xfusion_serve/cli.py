@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -77,6 +78,12 @@ def _eval(args: argparse.Namespace) -> None:
         print(report(name, acc))
 
 
+def _env(name: str, default, kind=str):
+    """A setting's default from XFUSION_<NAME>, so every `serve` option can come from the environment."""
+    value = os.environ.get("XFUSION_" + name)
+    return default if value is None else kind(value)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from .engine import EngineConfig
     from .server import ServerConfig, serve
@@ -84,7 +91,8 @@ def _serve(args: argparse.Namespace) -> None:
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
                           kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
-                       max_queue=args.max_queue, served_model_name=args.served_model_name))
+                       max_queue=args.max_queue, served_model_name=args.served_model_name,
+                       api_keys=args.api_key or []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,17 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_options(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded shapes demo)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the embedded demo)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton", "flash-attn"])
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    p.add_argument("--kv-cache-memory", type=float, default=64, help="MiB for the KV cache of both towers")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (flash-attn: 256)")
-    p.add_argument("--served-model-name", default=None)
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded shapes demo)",
+                       description="Every option also reads XFUSION_<OPTION> from the environment, e.g. "
+                                   "XFUSION_PORT=9000 or XFUSION_API_KEY='key1,key2'.")
+    p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), help="a checkpoint directory (default: the demo)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=_env("PORT", 8000, int))
+    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument("--dtype", default=_env("DTYPE", "float32"), choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention-backend", default=_env("ATTENTION_BACKEND", "torch"),
+                   choices=["torch", "triton", "flash-attn"])
+    p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256, int), help="waiting requests before 429")
+    p.add_argument("--kv-cache-memory", type=float, default=_env("KV_CACHE_MEMORY", 64, float),
+                   help="MiB for the KV cache of both towers")
+    p.add_argument("--block-size", type=int, default=_env("BLOCK_SIZE", 16, int),
+                   help="tokens per KV-cache block (flash-attn: 256)")
+    p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
+                   help="accepted Bearer key (repeatable; none: no key needed)")
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("eval", help="per-attribute accuracy on the shapes world")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_queue: int = 256
     served_model_name: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # empty: no key needed
+    max_body_bytes: int = 32 << 20
 
 
 class ServerState:
@@ -81,6 +85,28 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     app = FastAPI(title="xfusion-serve", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    open_paths = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+    keys = [k.encode() for k in state.config.api_keys]
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """X-Request-Id in and out; API keys on every inference route; a cap on the body size."""
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = None
+        if keys and request.url.path not in open_paths:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
+            # compare_digest against every key, always: the time taken says nothing about which key is near
+            if not any([hmac.compare_digest(given, k) for k in keys]):
+                response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                   "authentication_error"))
+        length = request.headers.get("content-length")
+        if response is None and length and length.isdigit() and int(length) > state.config.max_body_bytes:
+            response = error_response(APIError(413, f"request body over {state.config.max_body_bytes} bytes"))
+        if response is None:
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
