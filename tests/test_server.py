@@ -163,3 +163,31 @@ def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
         assert len(c.get("/health").headers["X-Request-Id"]) == 32
         big = c.post("/v1/caption", json={"image": "A" * 8000}, headers={"Authorization": "Bearer k1"})
         assert big.status_code == 413 and "error" in big.json()
+
+
+def test_metrics_parse_and_move(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    before = scrape()
+    client.post("/v1/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                  "ignore_eos": True})
+    client.post("/v1/generate-image", json={"prompt": "a", "steps": 2})
+    after = scrape()
+
+    def moved(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("xfusion_generation_tokens_total", task="text") == 3
+    assert moved("xfusion_request_success_total", task="text", finished_reason="length") == 1
+    assert moved("xfusion_images_total") == 1 and moved("xfusion_denoising_steps_total") == 2
+    assert moved("xfusion_time_to_first_token_seconds_count", task="text") == 1
+    assert moved("xfusion_inter_token_latency_seconds_count", task="text") == 2
+    assert moved("xfusion_image_generation_seconds_count") == 1
+    assert ("xfusion_kv_cache_usage_perc", (("tower", "text"),)) in after
+    assert after[("xfusion_num_requests_running", (("task", "image"),))] == 0

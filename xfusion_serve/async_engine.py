@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import Engine, Event
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ class _Submit:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 256):
-        self.engine, self.max_waiting = engine, max_waiting
+    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+        self.engine, self.metrics = engine, metrics
         self._inbox: queue.Queue = queue.Queue()
         self._cancels: queue.Queue = queue.Queue()
         self._streams: dict[str, _Submit] = {}
@@ -98,12 +99,15 @@ class AsyncEngine:
                 self.last_step_at = time.monotonic()
                 time.sleep(0.002)
                 continue
+            before = dict(self.engine.requests)
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
                 log.exception("engine step failed")
                 events = self._fail_all(str(e))
             self.last_step_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.observe(self.engine, events, before)
             for ev in events:
                 sub = self._streams.get(ev.request_id)
                 if sub is not None:

@@ -214,9 +214,9 @@ class Engine:
         text = self.tokenizer.decode(req.output, skip_special_tokens=True)
         cut = find_stop(text, params.stop)
         if cut >= 0:
-            return [self._finish_text(req, "stop", text[:cut])]
+            return [self._finish_text(req, "stop", text[:cut], [token])]
         if len(req.output) >= params.max_tokens or req.length >= self.scheduler.max_model_len:
-            return [self._finish_text(req, "length", text)]
+            return [self._finish_text(req, "length", text, [token])]
         # Hold back a trailing partial character, and text that may yet become a stop string.
         safe = len(text.rstrip("\ufffd"))
         for s in params.stop:
@@ -228,11 +228,13 @@ class Engine:
         req.text = text[: max(safe, len(req.text))]
         return [Event(req.id, "token", text=delta, token_ids=[token])]
 
-    def _finish_text(self, req: TextRequest, reason: str, text: str) -> Event:
-        """The done event carries the whole text; a streamer sends what its token events had not."""
+    def _finish_text(self, req: TextRequest, reason: str, text: str, new_tokens: list[int] | None = None) -> Event:
+        """The done event carries the whole text (a streamer sends what its token events had not) and the
+        token generated in this step, if the request ended on one."""
         req.text = text
         self._end(req, reason)
-        return Event(req.id, "done", text=text, finish_reason=reason, step=len(req.output))
+        return Event(req.id, "done", text=text, token_ids=new_tokens or [], finish_reason=reason,
+                     step=len(req.output))
 
     def _end(self, req, reason: str) -> None:
         self.scheduler.finish(req, reason)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import Engine, Event
 from .sampling import SamplingParams
@@ -213,6 +213,13 @@ async def generate_image(body: ImageRequest, request: Request):
         yield _sse("[DONE]")
 
     return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -39,7 +39,7 @@ class TextRequest:
     text: str = ""
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
+    admitted_at: float | None = None
 
     def __post_init__(self):
         self.generator = self.params.generator()
@@ -80,6 +80,7 @@ class ImageRequest:
     tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # "cond"/"uncond" -> tower -> blocks
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
 
     @property
     def steps(self) -> int:
@@ -133,6 +134,7 @@ class Scheduler:
         if len(self.text) >= self.max_running or need > pool.blocks.num_free:
             return False
         req.blocks = pool.blocks.allocate(need)
+        req.admitted_at = req.admitted_at or time.monotonic()
         self.text.append(req)
         plan.prefill.append(req)
         return True
@@ -164,6 +166,7 @@ class Scheduler:
                 if role == "uncond" and not ids[1:]:
                     plan.pin.append(key)
             req.tables[role] = {t: self.pools[t].blocks.share(b) for t, b in self.prompt_cache[key].items()}
+        req.admitted_at = time.monotonic()
         self.images.append(req)
         return True
 

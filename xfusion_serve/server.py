@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 
 from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig
+from .metrics import Metrics
 from .routes import APIError, error_response, router
 from .sampling import SamplingParams
 
@@ -42,6 +43,7 @@ class ServerState:
         self.checkpoint = Path(config.checkpoint) if config.checkpoint else DEFAULT_CHECKPOINT
         self.model_name = config.served_model_name or self.checkpoint.name
         self.engine: AsyncEngine | None = None
+        self.metrics = Metrics()
         self.tokenizer = None
         self.trained_sizes: list[tuple[int, int]] = []
         self.ready = False
@@ -51,7 +53,7 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
         warm_up(engine)
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
         self.ready = True
 
