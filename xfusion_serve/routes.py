@@ -69,11 +69,21 @@ def _done_error(done: Event) -> APIError:
     return APIError(500, done.error or "generation failed", "server_error")
 
 
+def image_result(done: Event, created: int, prompt: str) -> dict:
+    """An image request's done event -> OpenAI's images response (each image with the seed that made it)."""
+    if done.finish_reason == "error":
+        raise _done_error(done)
+    return {"created": created, "usage": {"images": len(done.images)},
+            "data": [{"b64_json": image_to_base64(im), "seed": s, "revised_prompt": prompt}
+                     for im, s in zip(done.images, done.seeds)]}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
 
-async def _text_response(request: Request, add, prompt_tokens: int, stream: bool, shape) -> object:
+async def _text_response(request: Request, add, prompt_tokens: int, stream: bool, shape,
+                         include_usage: bool = False) -> object:
     """Chat and caption: collect the events into one response, or stream them as server-sent events."""
     events = _events(request, add)
     first = await anext(events)  # errors before the first event become HTTP errors
@@ -108,6 +118,11 @@ async def _text_response(request: Request, add, prompt_tokens: int, stream: bool
                     else:
                         yield _sse(shape("chunk", rid=rid, created=created, text=ev.text[len(sent):],
                                          finish=ev.finish_reason))
+                        if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": ev.step,
+                                     "total_tokens": prompt_tokens + ev.step}
+                            yield _sse(shape("chunk", rid=rid, created=created, text="", finish=None)
+                                       | {"choices": [], "usage": usage})
         except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
             yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
         yield _sse("[DONE]")
@@ -162,14 +177,7 @@ async def caption(body: CaptionRequest, request: Request):
 @router.post("/v1/generate-image")
 async def generate_image(body: ImageRequest, request: Request):
     server = _server(request)
-    size = None
-    if body.size:
-        w, h = map(int, body.size.split("x"))
-        size = (h, w)
-        trained = server.trained_sizes
-        if size not in trained:
-            raise APIError(400, f"size {body.size} is not a trained size ({', '.join(f'{w}x{h}' for h, w in trained)})",
-                           param="size")
+    size = server.check_size(body.size)
 
     def add(engine: Engine) -> str:
         return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
@@ -185,18 +193,12 @@ async def generate_image(body: ImageRequest, request: Request):
         async for ev in events:
             yield ev
 
-    def result(ev: Event) -> dict:
-        return {"created": created, "data": [{"b64_json": image_to_base64(im), "seed": s}
-                                             for im, s in zip(ev.images, ev.seeds)]}
-
     if not body.stream:
         done = None
         async for ev in all_events():
             if ev.kind == "done":
                 done = ev
-        if done.finish_reason == "error":
-            raise _done_error(done)
-        return result(done)
+        return image_result(done, created, body.prompt)
 
     async def sse():
         try:
@@ -204,10 +206,9 @@ async def generate_image(body: ImageRequest, request: Request):
                 if ev.kind == "step":
                     yield _sse({"type": "step", "step": ev.step, "steps": ev.steps})
                 elif ev.kind == "done":
-                    if ev.finish_reason == "error":
-                        yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
-                    else:
-                        yield _sse({"type": "completed"} | result(ev))
+                    yield _sse({"type": "completed"} | image_result(ev, created, body.prompt))
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "code": e.status}})
         except Exception as e:  # noqa: BLE001
             yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
         yield _sse("[DONE]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig
 from .metrics import Metrics
+from .data import decode_latents
+from .openai_routes import router as openai_router
 from .routes import APIError, error_response, router
+from .schemas import image_to_base64
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,30 @@ class ServerState:
         self.metrics = Metrics()
         self.tokenizer = None
         self.trained_sizes: list[tuple[int, int]] = []
+        self.default_steps = 0
+        self.started = int(time.time())
+        self.vae = None
         self.ready = False
+
+    def check_size(self, size: str | None) -> tuple[int, int] | None:
+        """'WxH' -> (height, width), only for a size the checkpoint was trained on."""
+        if not size:
+            return None
+        w, h = map(int, size.split("x"))
+        if (h, w) not in self.trained_sizes:
+            trained = ", ".join(f"{w}x{h}" for h, w in self.trained_sizes)
+            raise APIError(400, f"size {size} is not a trained size; use one of: {trained}", param="size")
+        return h, w
+
+    def preview_b64(self, latents) -> list[str]:
+        return [image_to_base64(im) for im in decode_latents(self.vae, latents)]
 
     def load(self, engine: Engine | None = None) -> None:
         engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
         self.tokenizer = engine.tokenizer
         self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
+        self.default_steps = engine.ckpt.config.sampler.steps
+        self.vae = engine.ckpt.vae
         warm_up(engine)
         self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
@@ -87,6 +109,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     app = FastAPI(title="xfusion-serve", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    app.include_router(openai_router)
     open_paths = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
     keys = [k.encode() for k in state.config.api_keys]
 

@@ -1,0 +1,206 @@
+"""OpenAI-compatible routes, so the official `openai` client works unchanged:
+/v1/chat/completions (text, or an image_url data URI plus text: caption / answer about the image),
+/v1/completions (raw prompt, no template), /v1/images/generations, /v1/models."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from .routes import APIError, _events, _params, _server, _sse, _text_response, chat_prompt, image_result
+from .schemas import SamplingFields, _Request, image_from_base64
+
+router = APIRouter()
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class OAIMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OAISampling(SamplingFields):
+    model: str | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+    stream_options: StreamOptions | None = None
+
+
+class OAIChatRequest(OAISampling):
+    messages: list[OAIMessage] = Field(min_length=1, max_length=512)
+
+
+class OAICompletionRequest(OAISampling):
+    prompt: str = Field(max_length=100_000)
+    max_tokens: int = Field(default=16, ge=1, le=8192)  # OpenAI's default for completions
+
+
+class OAIImageRequest(_Request):
+    prompt: str = Field(max_length=10_000)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    size: str | None = Field(default=None, pattern=r"^\d{1,5}x\d{1,5}$")
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png"] = "png"
+    negative_prompt: str = Field(default="", max_length=10_000)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+    stream: bool = False
+    partial_images: int = Field(default=0, ge=0, le=3)
+
+
+def _split_image(messages: list[OAIMessage]):
+    """-> (plain messages, the image of the last user turn or None, that turn's text)."""
+    plain, image, text = [], None, ""
+    for m in messages:
+        if isinstance(m.content, str):
+            plain.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
+            continue
+        texts = [p.text or "" for p in m.content if p.type == "text"]
+        for part in m.content:
+            if part.type == "image_url" and part.image_url is not None:
+                url = part.image_url.url
+                if not url.startswith("data:"):
+                    raise APIError(400, "only data: URIs are accepted for image_url here", param="messages")
+                try:
+                    image = image_from_base64(url)
+                except ValueError as e:
+                    raise APIError(400, str(e), param="messages") from e
+                text = " ".join(texts)
+        plain.append({"role": m.role, "content": " ".join(texts)})
+    return plain, image, text
+
+
+def _usage_chunk(shape, rid, created, usage) -> str:
+    return _sse(shape("chunk", rid=rid, created=created, text=None, finish=None) | {"choices": [], "usage": usage})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: OAIChatRequest, request: Request):
+    server = _server(request)
+    if body.max_completion_tokens:
+        body.max_tokens = body.max_completion_tokens
+    messages, image, instruction = _split_image(body.messages)
+    params = _params(body)
+    if image is not None:
+        prompt_tokens = 0
+
+        def add(engine):
+            return engine.add_caption(image, instruction, params)
+    else:
+        ids = chat_prompt(server.tokenizer, messages)
+        prompt_tokens = len(ids)
+
+        def add(engine):
+            return engine.add_text(ids, params)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "chatcmpl"
+        base = {"id": k["rid"], "created": k["created"], "model": body.model or server.model_name}
+        if kind == "full":
+            return base | {"object": "chat.completion", "usage": k["usage"], "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": k["text"]}, "finish_reason": k["finish"]}]}
+        delta = {"content": k["text"]} if k["text"] is not None else {}
+        return base | {"object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": k["finish"]}]}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _text_response(request, add, prompt_tokens, body.stream, shape, include_usage)
+
+
+@router.post("/v1/completions")
+async def completions(body: OAICompletionRequest, request: Request):
+    server = _server(request)
+    ids = server.tokenizer(body.prompt).input_ids
+    params = _params(body)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "cmpl"
+        base = {"id": k["rid"], "created": k["created"], "model": body.model or server.model_name,
+                "object": "text_completion"}
+        choice = {"index": 0, "text": k["text"] or "", "finish_reason": k["finish"], "logprobs": None}
+        return base | {"choices": [choice]} | ({"usage": k["usage"]} if kind == "full" else {})
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _text_response(request, lambda e: e.add_text(ids, params), len(ids), body.stream, shape,
+                                include_usage)
+
+
+@router.post("/v1/images/generations")
+async def images_generations(body: OAIImageRequest, request: Request):
+    server = _server(request)
+    size = server.check_size(body.size)
+    preview_every = 0
+    if body.stream and body.partial_images:
+        steps = body.num_inference_steps or server.default_steps
+        preview_every = max(1, steps // (body.partial_images + 1))
+
+    def add(engine):
+        return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
+                                steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
+                                preview_every=preview_every)
+
+    events = _events(request, add)
+    first = await anext(events)
+    created = int(time.time())
+
+    async def all_events():
+        yield first
+        async for ev in events:
+            yield ev
+
+    if not body.stream:
+        done = None
+        async for ev in all_events():
+            if ev.kind == "done":
+                done = ev
+        return image_result(done, created, body.prompt)
+
+    async def sse():
+        partial = 0
+        try:
+            async for ev in all_events():
+                if ev.kind == "step" and ev.preview is not None and partial < body.partial_images:
+                    for b64 in server.preview_b64(ev.preview):
+                        yield _sse({"type": "image_generation.partial_image", "b64_json": b64,
+                                    "partial_image_index": partial, "created_at": created})
+                    partial += 1
+                elif ev.kind == "done":
+                    result = image_result(ev, created, body.prompt)
+                    for item in result["data"]:
+                        yield _sse({"type": "image_generation.completed", "b64_json": item["b64_json"],
+                                    "created_at": created, "usage": result["usage"]})
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "code": e.status}})
+        except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
+            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    server = _server(request)
+    return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.started,
+                                        "owned_by": "xfusion-serve"}]}
