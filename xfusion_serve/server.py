@@ -37,6 +37,7 @@ class ServerConfig:
     served_model_name: str | None = None
     api_keys: list[str] = field(default_factory=list)  # empty: no key needed
     max_body_bytes: int = 32 << 20
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before exiting
 
 
 class ServerState:
@@ -149,4 +150,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    # On SIGTERM uvicorn stops accepting connections and waits up to drain_timeout for the running ones;
+    # the lifespan's shutdown then stops the engine loop.
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=config.drain_timeout)

@@ -1,0 +1,93 @@
+"""Through real HTTP: uvicorn on a free local port, httpx and the official `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from xfusion_serve import load_checkpoint
+from xfusion_serve.engine import Engine, EngineConfig
+from xfusion_serve.server import ServerConfig, create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live(random_checkpoint_dir):
+    engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(served_model_name="tiny"), engine=engine),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_official_openai_client_works_unchanged(live):
+    openai = pytest.importorskip("openai")
+    url, engine = live
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=5, temperature=0)
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.prompt_tokens > 0
+    streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+    completion = client.completions.create(model="tiny", prompt="a red", max_tokens=4, temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    images = client.images.generate(model="tiny", prompt="a red circle", n=2,
+                                    extra_body={"num_inference_steps": 2, "seed": 7})
+    assert len(images.data) == 2 and base64.b64decode(images.data[0].b64_json)[:4] == b"\x89PNG"
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_a_client_that_disconnects_frees_its_request(live):
+    url, engine = live
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+    # Gone after two events: the server notices, cancels the request and frees its blocks.
+    pool = engine.runner.pools["text"].blocks
+    for _ in range(200):
+        if not engine.requests and pool.num_free == pool.num_blocks:
+            break
+        time.sleep(0.05)
+    assert not engine.requests and pool.num_free == pool.num_blocks
+
+
+def test_a_failing_request_beside_healthy_ones(live):
+    url, engine = live
+    results = {}
+
+    def call(name, body, path="/v1/chat"):
+        results[name] = httpx.post(url + path, json=body, timeout=60)
+
+    healthy = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "ignore_eos": True}
+    threads = [threading.Thread(target=call, args=(f"ok{i}", healthy)) for i in range(3)]
+    threads.append(threading.Thread(target=call, args=("bad", {"image": "AAAA"}, "/v1/caption")))
+    threads.append(threading.Thread(target=call, args=("long", {"messages": [{"role": "user", "content": "a " * 400}]})))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[f"ok{i}"].status_code == 200 for i in range(3))
+    assert results["bad"].status_code == 400 and results["long"].status_code == 400
+    assert {results[f"ok{i}"].json()["choices"][0]["message"]["content"] for i in range(3)}.__len__() == 1
