@@ -191,3 +191,16 @@ def test_metrics_parse_and_move(client):
     assert moved("xfusion_image_generation_seconds_count") == 1
     assert ("xfusion_kv_cache_usage_perc", (("tower", "text"),)) in after
     assert after[("xfusion_num_requests_running", (("task", "image"),))] == 0
+
+
+def test_caption_as_a_multipart_upload(client):
+    image = shape_sample(3, 0)[1]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    up = client.post("/v1/caption", files={"image": ("x.png", buf.getvalue(), "image/png")},
+                     data={"max_tokens": "6"})
+    assert up.status_code == 200, up.text
+    js = client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 6})
+    assert up.json()["caption"] == js.json()["caption"]
+    assert client.post("/v1/caption", data={"max_tokens": "6"}, files={"other": ("x", b"1")}).status_code == 422
+    assert client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 0}).status_code == 422

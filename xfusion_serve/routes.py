@@ -8,11 +8,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import Engine, Event
 from .sampling import SamplingParams
-from .schemas import CaptionRequest, ChatRequest, ImageRequest, SamplingFields, image_from_base64, image_to_base64
+from .schemas import (CaptionRequest, ChatRequest, ImageRequest, SamplingFields, decode_image, image_from_base64,
+                      image_to_base64)
 
 router = APIRouter()
 
@@ -150,13 +154,31 @@ async def chat(body: ChatRequest, request: Request):
     return await _text_response(request, lambda e: e.add_text(ids, params), len(ids), body.stream, shape)
 
 
-@router.post("/v1/caption")
-async def caption(body: CaptionRequest, request: Request):
-    server = _server(request)
+async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
+    """JSON with a base64 image, or a multipart upload (an `image` file plus the same fields as form fields)."""
     try:
-        image = image_from_base64(body.image)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise APIError(422, "image: a multipart caption request needs an `image` file", param="image")
+            data = await upload.read()
+            body = CaptionRequest.model_validate({k: v for k, v in form.items() if k != "image"} | {"image": ""})
+            return body, decode_image(data)
+        body = CaptionRequest.model_validate(await request.json())
+        return body, image_from_base64(body.image)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from e
+    except json.JSONDecodeError as e:
+        raise APIError(422, f"body: not JSON ({e})") from e
     except ValueError as e:
         raise APIError(400, str(e), param="image") from e
+
+
+@router.post("/v1/caption")
+async def caption(request: Request):
+    server = _server(request)
+    body, image = await _caption_body(request)
     params = _params(body)
 
     def add(engine: Engine) -> str:
