@@ -26,7 +26,8 @@ def _free_port() -> int:
 def live(random_checkpoint_dir):
     engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(served_model_name="tiny"), engine=engine),
+    config = ServerConfig(served_model_name="tiny", allowed_image_domains=["localhost"])
+    server = uvicorn.Server(uvicorn.Config(create_app(config, engine=engine),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -91,3 +92,70 @@ def test_a_failing_request_beside_healthy_ones(live):
     assert all(results[f"ok{i}"].status_code == 200 for i in range(3))
     assert results["bad"].status_code == 400 and results["long"].status_code == 400
     assert {results[f"ok{i}"].json()["choices"][0]["message"]["content"] for i in range(3)}.__len__() == 1
+
+
+def test_image_urls_only_from_allowed_domains(live, tmp_path):
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from xfusion_serve.schemas import image_to_base64
+    from xfusion_serve.shapes import sample as shape_sample
+
+    image = shape_sample(9, 0)[1]
+    image.save(tmp_path / "shape.png")
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=tmp_path))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url, _ = live
+    try:
+        def ask(image_url):
+            parts = [{"type": "image_url", "image_url": {"url": image_url}}]
+            return httpx.post(url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": parts}], "max_tokens": 5, "temperature": 0}, timeout=30)
+
+        port = files.server_address[1]
+        fetched = ask(f"http://localhost:{port}/shape.png")
+        assert fetched.status_code == 200, fetched.text
+        inline = ask("data:image/png;base64," + image_to_base64(image))
+        assert fetched.json()["choices"][0]["message"]["content"] == inline.json()["choices"][0]["message"]["content"]
+        refused = ask(f"http://127.0.0.1:{port}/shape.png")  # same file, a host not on the list
+        assert refused.status_code == 400 and "not allowed" in refused.json()["error"]["message"]
+        assert ask(f"http://localhost:{port}/missing.png").status_code == 400
+    finally:
+        files.shutdown()
+
+
+def test_sigterm_drains_running_requests_then_exits(random_checkpoint_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--checkpoint",
+                             str(random_checkpoint_dir), "--port", str(port), "--drain-timeout", "20",
+                             "--block-size", "4"], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result = {}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 150, "ignore_eos": True}
+        worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url + "/v1/chat", json=body,
+                                                                                    timeout=60)))
+        worker.start()
+        time.sleep(0.5)  # the request is running
+        proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert result["r"].status_code == 200
+        assert result["r"].json()["usage"]["completion_tokens"] == 150  # finished, not cut off
+        assert proc.wait(30) == 0
+        with pytest.raises(httpx.HTTPError):  # and nothing is served any more
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -204,3 +204,23 @@ def test_caption_as_a_multipart_upload(client):
     assert up.json()["caption"] == js.json()["caption"]
     assert client.post("/v1/caption", data={"max_tokens": "6"}, files={"other": ("x", b"1")}).status_code == 422
     assert client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 0}).status_code == 422
+
+
+def test_queue_full_and_not_ready_answer_with_retry_after(client):
+    server = client.app.state.server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    limit = server.config.max_queue
+    server.config.max_queue = 0
+    try:
+        r = client.post("/v1/chat", json=body)
+        assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        server.config.max_queue = limit
+    server.ready = False  # loading, or draining after SIGTERM
+    try:
+        r = client.post("/v1/chat", json=body)
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert client.get("/ready").status_code == 503 and client.get("/health").status_code == 200
+    finally:
+        server.ready = True
+    assert client.post("/v1/chat", json=body).status_code == 200

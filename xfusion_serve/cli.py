@@ -92,7 +92,8 @@ def _serve(args: argparse.Namespace) -> None:
                           kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
-                       api_keys=args.api_key or [], drain_timeout=args.drain_timeout))
+                       api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
+                       allowed_image_domains=args.allowed_image_domains or []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
+    p.add_argument("--allowed-image-domains", action="append",
+                   default=_env("ALLOWED_IMAGE_DOMAINS", None, lambda v: v.split(",")),
+                   help="domains whose http(s) image URLs /v1/chat/completions may fetch (none by default)")
     p.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT", 30.0, float),
                    help="seconds SIGTERM waits for running requests")
     p.set_defaults(func=_serve)

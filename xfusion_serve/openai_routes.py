@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 from typing import Literal
+from urllib.parse import urlparse
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from .routes import APIError, _events, _params, _server, _sse, _text_response, chat_prompt, image_result
-from .schemas import SamplingFields, _Request, image_from_base64
+from .schemas import MAX_IMAGE_BYTES, SamplingFields, _Request, decode_image, image_from_base64
 
 router = APIRouter()
 
@@ -67,7 +68,30 @@ class OAIImageRequest(_Request):
     partial_images: int = Field(default=0, ge=0, le=3)
 
 
-def _split_image(messages: list[OAIMessage]):
+async def _fetch_image(url: str, allowed: list[str]):
+    """An http(s) image URL, fetched only from the allowed domains (and their subdomains)."""
+    import httpx
+
+    host = (urlparse(url).hostname or "").lower()
+    if not any(host == d or host.endswith("." + d) for d in allowed):
+        raise APIError(400, f"image URLs from {host or url!r} are not allowed; send a data: URI, or start the "
+                            "server with --allowed-image-domains", param="messages")
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise APIError(400, f"fetching the image gave HTTP {r.status_code}", param="messages")
+                data = b""
+                async for chunk in r.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_IMAGE_BYTES:
+                        raise APIError(400, f"image larger than {MAX_IMAGE_BYTES} bytes", param="messages")
+    except httpx.HTTPError as e:
+        raise APIError(400, f"could not fetch the image ({type(e).__name__})", param="messages") from e
+    return decode_image(data)
+
+
+async def _split_image(messages: list[OAIMessage], allowed_domains: list[str]):
     """-> (plain messages, the image of the last user turn or None, that turn's text)."""
     plain, image, text = [], None, ""
     for m in messages:
@@ -78,10 +102,11 @@ def _split_image(messages: list[OAIMessage]):
         for part in m.content:
             if part.type == "image_url" and part.image_url is not None:
                 url = part.image_url.url
-                if not url.startswith("data:"):
-                    raise APIError(400, "only data: URIs are accepted for image_url here", param="messages")
                 try:
-                    image = image_from_base64(url)
+                    if url.startswith(("http://", "https://")):
+                        image = await _fetch_image(url, allowed_domains)
+                    else:
+                        image = image_from_base64(url)
                 except ValueError as e:
                     raise APIError(400, str(e), param="messages") from e
                 text = " ".join(texts)
@@ -98,7 +123,7 @@ async def chat_completions(body: OAIChatRequest, request: Request):
     server = _server(request)
     if body.max_completion_tokens:
         body.max_tokens = body.max_completion_tokens
-    messages, image, instruction = _split_image(body.messages)
+    messages, image, instruction = await _split_image(body.messages, server.config.allowed_image_domains)
     params = _params(body)
     if image is not None:
         prompt_tokens = 0

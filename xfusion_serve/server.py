@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)  # empty: no key needed
     max_body_bytes: int = 32 << 20
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before exiting
+    allowed_image_domains: list[str] = field(default_factory=list)  # http(s) image_url hosts; none by default
 
 
 class ServerState:
@@ -150,7 +152,16 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
-    # On SIGTERM uvicorn stops accepting connections and waits up to drain_timeout for the running ones;
-    # the lifespan's shutdown then stops the engine loop.
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=config.drain_timeout)
+    app = create_app(config)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # SIGTERM: not ready (and 503 to new requests on open connections) while running ones drain;
+            # uvicorn stops accepting, waits up to drain_timeout, then the lifespan stops the engine.
+            app.state.server.ready = False
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a drained shutdown is a clean exit (0), not death by the signal
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                  timeout_graceful_shutdown=config.drain_timeout)).run()
