@@ -159,3 +159,19 @@ def test_sigterm_drains_running_requests_then_exits(random_checkpoint_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(live):
+    url, engine = live
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "n": 8, "steps": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/generate-image", json=body, timeout=0.3)
+    pool = engine.runner.pools["vision"].blocks
+    for _ in range(200):
+        pinned = sum(len(engine.scheduler.prompt_cache[k]["vision"]) for k in engine.scheduler.pinned)
+        if not engine.requests and pool.num_free + pinned == pool.num_blocks:
+            break
+        time.sleep(0.05)
+    assert not engine.requests and pool.num_free + pinned == pool.num_blocks
+    metrics = httpx.get(url + "/metrics").text
+    assert 'xfusion_request_success_total{finished_reason="abort",task="image"} 1.0' in metrics

@@ -149,10 +149,11 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, monkey
 
 def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
     engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
-    config = ServerConfig(api_keys=["k1", "k2"], max_body_bytes=4096)
+    config = ServerConfig(api_keys=["k1", "k2", " "], max_body_bytes=4096)  # a blank key is no key
     with TestClient(create_app(config, engine=engine)) as c:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert c.post("/v1/chat", json=body).status_code == 401
+        assert c.post("/v1/chat", json=body, headers={"Authorization": "Bearer  "}).status_code == 401
         wrong = c.post("/v1/chat", json=body, headers={"Authorization": "Bearer k3"})
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
         for key in ("k1", "k2"):
@@ -163,6 +164,8 @@ def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
         assert len(c.get("/health").headers["X-Request-Id"]) == 32
         big = c.post("/v1/caption", json={"image": "A" * 8000}, headers={"Authorization": "Bearer k1"})
         assert big.status_code == 413 and "error" in big.json()
+        chunked = c.post("/v1/chat", content=iter([b"{}"]), headers={"Authorization": "Bearer k1"})
+        assert chunked.status_code == 411
 
 
 def test_metrics_parse_and_move(client):
@@ -203,7 +206,8 @@ def test_caption_as_a_multipart_upload(client):
     js = client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 6})
     assert up.json()["caption"] == js.json()["caption"]
     assert client.post("/v1/caption", data={"max_tokens": "6"}, files={"other": ("x", b"1")}).status_code == 422
-    assert client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 0}).status_code == 422
+    zero = client.post("/v1/caption", json={"image": image_to_base64(image), "max_tokens": 0})
+    assert zero.status_code == 422 and zero.json()["error"]["param"] == "max_tokens"
 
 
 def test_queue_full_and_not_ready_answer_with_retry_after(client):

@@ -93,8 +93,15 @@ class AsyncEngine:
             self._drain_inbox()
             while not self._cancels.empty():
                 rid = self._cancels.get_nowait()
-                self.engine.cancel(rid)
+                req = self.engine.requests.get(rid)
                 self._streams.pop(rid, None)
+                try:
+                    self.engine.cancel(rid)
+                    if self.metrics is not None and req is not None:
+                        self.metrics.aborted(req)
+                        self.metrics.observe(self.engine, [], {})  # gauges must not wait for the next step
+                except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
+                    log.exception("cancelling %s failed", rid)
             if not self.engine.has_work():
                 self.last_step_at = time.monotonic()
                 time.sleep(0.002)
@@ -107,7 +114,10 @@ class AsyncEngine:
                 events = self._fail_all(str(e))
             self.last_step_at = time.monotonic()
             if self.metrics is not None:
-                self.metrics.observe(self.engine, events, before)
+                try:
+                    self.metrics.observe(self.engine, events, before)
+                except Exception:  # noqa: BLE001
+                    log.exception("metrics update failed")
             for ev in events:
                 sub = self._streams.get(ev.request_id)
                 if sub is not None:

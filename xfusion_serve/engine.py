@@ -58,6 +58,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     error_type: str | None = None  # "invalid_request_error" (the request itself) or "server_error"
+    prompt_tokens: int = 0  # done (text requests): the prompt's length, image tokens included
 
 
 class Engine:
@@ -234,7 +235,7 @@ class Engine:
         req.text = text
         self._end(req, reason)
         return Event(req.id, "done", text=text, token_ids=new_tokens or [], finish_reason=reason,
-                     step=len(req.output))
+                     step=len(req.output), prompt_tokens=req.prompt_len)
 
     def _end(self, req, reason: str) -> None:
         self.scheduler.finish(req, reason)

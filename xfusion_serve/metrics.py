@@ -90,5 +90,12 @@ class Metrics:
         self.preemptions.inc(s.preemptions - self._seen_preemptions)
         self._seen_preemptions = s.preemptions
 
+    def aborted(self, req) -> None:
+        """A request its client left (or that was cancelled): counted, as vLLM does, as finished "abort"."""
+        task = task_of(req)
+        self._last_token.pop(req.id, None)
+        self.request_success.labels(task, "abort").inc()
+        self.e2e.labels(task).observe(time.monotonic() - req.arrival)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 from urllib.parse import urlparse
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from .routes import APIError, _events, _params, _server, _sse, _text_response, chat_prompt, image_result
+from .routes import APIError, _error_event, _params, _server, _sse, _text_response, chat_prompt, final, image_result, start
 from .schemas import MAX_IMAGE_BYTES, SamplingFields, _Request, decode_image, image_from_base64
 
 router = APIRouter()
@@ -73,6 +74,7 @@ async def _fetch_image(url: str, allowed: list[str]):
     import httpx
 
     host = (urlparse(url).hostname or "").lower()
+    allowed = [d.strip().lower() for d in allowed if d.strip()]
     if not any(host == d or host.endswith("." + d) for d in allowed):
         raise APIError(400, f"image URLs from {host or url!r} are not allowed; send a data: URI, or start the "
                             "server with --allowed-image-domains", param="messages")
@@ -86,7 +88,7 @@ async def _fetch_image(url: str, allowed: list[str]):
                     data += chunk
                     if len(data) > MAX_IMAGE_BYTES:
                         raise APIError(400, f"image larger than {MAX_IMAGE_BYTES} bytes", param="messages")
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise APIError(400, f"could not fetch the image ({type(e).__name__})", param="messages") from e
     return decode_image(data)
 
@@ -95,8 +97,9 @@ async def _split_image(messages: list[OAIMessage], allowed_domains: list[str]):
     """-> (plain messages, the image of the last user turn or None, that turn's text)."""
     plain, image, text = [], None, ""
     for m in messages:
+        role = "system" if m.role == "developer" else m.role
         if isinstance(m.content, str):
-            plain.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
+            plain.append({"role": role, "content": m.content})
             continue
         texts = [p.text or "" for p in m.content if p.type == "text"]
         for part in m.content:
@@ -110,7 +113,7 @@ async def _split_image(messages: list[OAIMessage], allowed_domains: list[str]):
                 except ValueError as e:
                     raise APIError(400, str(e), param="messages") from e
                 text = " ".join(texts)
-        plain.append({"role": m.role, "content": " ".join(texts)})
+        plain.append({"role": role, "content": " ".join(texts)})
     return plain, image, text
 
 
@@ -126,13 +129,10 @@ async def chat_completions(body: OAIChatRequest, request: Request):
     messages, image, instruction = await _split_image(body.messages, server.config.allowed_image_domains)
     params = _params(body)
     if image is not None:
-        prompt_tokens = 0
-
         def add(engine):
             return engine.add_caption(image, instruction, params)
     else:
         ids = chat_prompt(server.tokenizer, messages)
-        prompt_tokens = len(ids)
 
         def add(engine):
             return engine.add_text(ids, params)
@@ -149,7 +149,7 @@ async def chat_completions(body: OAIChatRequest, request: Request):
                        "choices": [{"index": 0, "delta": delta, "finish_reason": k["finish"]}]}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _text_response(request, add, prompt_tokens, body.stream, shape, include_usage)
+    return await _text_response(request, add, body.stream, shape, include_usage)
 
 
 @router.post("/v1/completions")
@@ -167,8 +167,7 @@ async def completions(body: OAICompletionRequest, request: Request):
         return base | {"choices": [choice]} | ({"usage": k["usage"]} if kind == "full" else {})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _text_response(request, lambda e: e.add_text(ids, params), len(ids), body.stream, shape,
-                                include_usage)
+    return await _text_response(request, lambda e: e.add_text(ids, params), body.stream, shape, include_usage)
 
 
 @router.post("/v1/images/generations")
@@ -185,28 +184,17 @@ async def images_generations(body: OAIImageRequest, request: Request):
                                 steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
                                 preview_every=preview_every)
 
-    events = _events(request, add)
-    first = await anext(events)
+    events = await start(request, add)
     created = int(time.time())
-
-    async def all_events():
-        yield first
-        async for ev in events:
-            yield ev
-
     if not body.stream:
-        done = None
-        async for ev in all_events():
-            if ev.kind == "done":
-                done = ev
-        return image_result(done, created, body.prompt)
+        return image_result(await final(request, events), created, body.prompt)
 
     async def sse():
         partial = 0
         try:
-            async for ev in all_events():
+            async for ev in events:
                 if ev.kind == "step" and ev.preview is not None and partial < body.partial_images:
-                    for b64 in server.preview_b64(ev.preview):
+                    for b64 in await asyncio.to_thread(server.preview_b64, ev.preview):
                         yield _sse({"type": "image_generation.partial_image", "b64_json": b64,
                                     "partial_image_index": partial, "created_at": created})
                     partial += 1
@@ -216,9 +204,9 @@ async def images_generations(body: OAIImageRequest, request: Request):
                         yield _sse({"type": "image_generation.completed", "b64_json": item["b64_json"],
                                     "created_at": created, "usage": result["usage"]})
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": e.type, "code": e.status}})
+            yield _error_event(e)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
-            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+            yield _error_event(APIError(500, str(e), "server_error"))
         yield _sse("[DONE]")
 
     return StreamingResponse(sse(), media_type="text/event-stream")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -49,10 +51,13 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text).input_ids
 
 
-async def _events(request: Request, add) -> AsyncIterator[Event]:
+async def start(request: Request, add) -> AsyncIterator[Event]:
+    """Queues a request; whatever refuses it before its first event becomes an HTTP error.
+    -> an iterator over all of its events."""
     server = _server(request)
-    if not server.ready:
-        raise APIError(503, "the model is still loading", "service_unavailable", headers={"Retry-After": "5"})
+    if not server.ready or not server.engine.alive:
+        raise APIError(503, "the model is loading or the server is draining", "service_unavailable",
+                       headers={"Retry-After": "5"})
     running, waiting = server.engine.load()
     if waiting >= server.config.max_queue:
         raise APIError(429, "the server is at its queue limit; retry later", "rate_limit_exceeded",
@@ -62,15 +67,53 @@ async def _events(request: Request, add) -> AsyncIterator[Event]:
         first = await anext(stream)
     except ValueError as e:  # the engine refused the input (a size it was not trained on, ...)
         raise APIError(400, str(e)) from e
-    yield first
-    async for ev in stream:
-        yield ev
+    if first.kind == "done" and first.finish_reason == "error":
+        raise _done_error(first)
+
+    async def events():
+        yield first
+        async for ev in stream:
+            yield ev
+
+    return events()
+
+
+async def final(request: Request, events: AsyncIterator[Event]) -> Event:
+    """The done event. A client that leaves first cancels the request, freeing its cache at once
+    (Starlette does not cancel a handler whose client went away)."""
+
+    async def collect() -> Event:
+        done = None
+        async for ev in events:
+            done = ev if ev.kind == "done" else done
+        return done
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if not task.done():
+        task.cancel()  # CancelledError reaches AsyncEngine.submit, whose `finally` cancels the request
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(499, "the client closed the request", "client_closed_request")
+    done = task.result()
+    if done.finish_reason == "error":
+        raise _done_error(done)
+    return done
 
 
 def _done_error(done: Event) -> APIError:
     if done.error_type == "invalid_request_error":
         return APIError(400, done.error or "invalid request")
     return APIError(500, done.error or "generation failed", "server_error")
+
+
+def _error_event(err: APIError) -> str:
+    return _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}})
 
 
 def image_result(done: Event, created: int, prompt: str) -> dict:
@@ -86,49 +129,38 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
 
-async def _text_response(request: Request, add, prompt_tokens: int, stream: bool, shape,
-                         include_usage: bool = False) -> object:
-    """Chat and caption: collect the events into one response, or stream them as server-sent events."""
-    events = _events(request, add)
-    first = await anext(events)  # errors before the first event become HTTP errors
+def _usage(done: Event) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.step,
+            "total_tokens": done.prompt_tokens + done.step}
+
+
+async def _text_response(request: Request, add, stream: bool, shape, include_usage: bool = False) -> object:
+    """Chat and caption: one response with the whole answer, or server-sent events as it is written."""
+    events = await start(request, add)
     rid, created = f"{shape('id')}-{uuid.uuid4().hex[:12]}", int(time.time())
-
-    async def all_events():
-        yield first
-        async for ev in events:
-            yield ev
-
     if not stream:
-        done = None
-        async for ev in all_events():
-            if ev.kind == "done":
-                done = ev
-        if done.finish_reason == "error":
-            raise _done_error(done)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done.step,
-                 "total_tokens": prompt_tokens + done.step}
-        return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=usage)
+        done = await final(request, events)
+        return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=_usage(done))
 
     async def sse():
         sent = ""
         try:
-            async for ev in all_events():
+            async for ev in events:
                 if ev.kind == "token" and ev.text:
                     sent += ev.text
                     yield _sse(shape("chunk", rid=rid, created=created, text=ev.text, finish=None))
                 elif ev.kind == "done":
                     if ev.finish_reason == "error":
-                        yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
-                    else:
-                        yield _sse(shape("chunk", rid=rid, created=created, text=ev.text[len(sent):],
-                                         finish=ev.finish_reason))
-                        if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
-                            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": ev.step,
-                                     "total_tokens": prompt_tokens + ev.step}
-                            yield _sse(shape("chunk", rid=rid, created=created, text="", finish=None)
-                                       | {"choices": [], "usage": usage})
+                        raise _done_error(ev)
+                    yield _sse(shape("chunk", rid=rid, created=created, text=ev.text[len(sent):],
+                                     finish=ev.finish_reason))
+                    if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                        yield _sse(shape("chunk", rid=rid, created=created, text="", finish=None)
+                                   | {"choices": [], "usage": _usage(ev)})
+        except APIError as e:
+            yield _error_event(e)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
-            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+            yield _error_event(APIError(500, str(e), "server_error"))
         yield _sse("[DONE]")
 
     return StreamingResponse(sse(), media_type="text/event-stream")
@@ -151,7 +183,7 @@ async def chat(body: ChatRequest, request: Request):
                 "model": server.model_name,
                 "choices": [{"index": 0, "delta": {"content": k["text"]}, "finish_reason": k["finish"]}]}
 
-    return await _text_response(request, lambda e: e.add_text(ids, params), len(ids), body.stream, shape)
+    return await _text_response(request, lambda e: e.add_text(ids, params), body.stream, shape)
 
 
 async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
@@ -167,8 +199,8 @@ async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
             return body, decode_image(data)
         body = CaptionRequest.model_validate(await request.json())
         return body, image_from_base64(body.image)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from e
+    except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
     except json.JSONDecodeError as e:
         raise APIError(422, f"body: not JSON ({e})") from e
     except ValueError as e:
@@ -193,7 +225,7 @@ async def caption(request: Request):
         return {"id": k["rid"], "object": "caption.chunk", "created": k["created"], "model": server.model_name,
                 "delta": k["text"], "finish_reason": k["finish"]}
 
-    return await _text_response(request, add, 0, body.stream, shape)
+    return await _text_response(request, add, body.stream, shape)
 
 
 @router.post("/v1/generate-image")
@@ -206,33 +238,25 @@ async def generate_image(body: ImageRequest, request: Request):
                                 steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
                                 preview_every=body.preview_every)
 
-    events = _events(request, add)
-    first = await anext(events)
+    events = await start(request, add)
     created = int(time.time())
-
-    async def all_events():
-        yield first
-        async for ev in events:
-            yield ev
-
     if not body.stream:
-        done = None
-        async for ev in all_events():
-            if ev.kind == "done":
-                done = ev
-        return image_result(done, created, body.prompt)
+        return image_result(await final(request, events), created, body.prompt)
 
     async def sse():
         try:
-            async for ev in all_events():
+            async for ev in events:
                 if ev.kind == "step":
-                    yield _sse({"type": "step", "step": ev.step, "steps": ev.steps})
+                    step = {"type": "step", "step": ev.step, "steps": ev.steps}
+                    if ev.preview is not None:  # the current x0 prediction, decoded off the event loop
+                        step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
+                    yield _sse(step)
                 elif ev.kind == "done":
                     yield _sse({"type": "completed"} | image_result(ev, created, body.prompt))
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": e.type, "code": e.status}})
+            yield _error_event(e)
         except Exception as e:  # noqa: BLE001
-            yield _sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+            yield _error_event(APIError(500, str(e), "server_error"))
         yield _sse("[DONE]")
 
     return StreamingResponse(sse(), media_type="text/event-stream")

@@ -114,7 +114,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     app.include_router(router)
     app.include_router(openai_router)
     open_paths = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
-    keys = [k.encode() for k in state.config.api_keys]
+    keys = [k.strip().encode() for k in state.config.api_keys if k.strip()]  # an empty key is no key
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -125,12 +125,15 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
             auth = request.headers.get("authorization", "")
             given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
             # compare_digest against every key, always: the time taken says nothing about which key is near
-            if not any([hmac.compare_digest(given, k) for k in keys]):
+            if not given or not any([hmac.compare_digest(given, k) for k in keys]):
                 response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                                    "authentication_error"))
         length = request.headers.get("content-length")
         if response is None and length and length.isdigit() and int(length) > state.config.max_body_bytes:
             response = error_response(APIError(413, f"request body over {state.config.max_body_bytes} bytes"))
+        if response is None and length is None and "chunked" in request.headers.get("transfer-encoding", ""):
+            # A chunked body would be read whole before any limit could apply: its size must be declared.
+            response = error_response(APIError(411, "send Content-Length (chunked request bodies are refused)"))
         if response is None:
             response = await call_next(request)
         response.headers["X-Request-Id"] = request_id
