@@ -95,7 +95,7 @@ class ImageRequest:
 class Plan:
     prefill: list[TextRequest] = field(default_factory=list)
     decode: list[TextRequest] = field(default_factory=list)
-    prompts: list[ImageRequest] = field(default_factory=list)  # whose prompts need prefilling now
+    prompts: list[tuple[ImageRequest, str]] = field(default_factory=list)  # (request, "cond"/"uncond") to prefill
     denoise: list[ImageRequest] = field(default_factory=list)
     failed: list[tuple[object, str]] = field(default_factory=list)
     out_of_room: list[TextRequest] = field(default_factory=list)  # alone, and the whole cache is too small
@@ -191,7 +191,7 @@ class Scheduler:
                 # It was alone and preempted itself: no cache can ever hold it. It ends, not errs.
                 self.waiting.remove(req)
                 plan.out_of_room.append(req)
-        plan.denoise = [r for r in self.images]
+        plan.denoise = list(self.images)
         return plan
 
     def _ensure_block(self, req: TextRequest, fresh: set) -> bool:
