@@ -11,7 +11,7 @@ from xfusion_serve.cache import KVPool
 from xfusion_serve.data import encode_images
 from xfusion_serve.engine import Engine, EngineConfig
 from xfusion_serve.model import ImageSegment, padded_forward
-from xfusion_serve.sampler import caption_greedy_uncached, flow_sigmas, initial_noise, sample_images_uncached
+from xfusion_serve.sampler import caption_greedy_uncached, initial_noise, sample_images_uncached
 from xfusion_serve.sampling import SamplingParams
 from xfusion_serve.shapes import sample as shape_sample
 

@@ -10,10 +10,9 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from .routes import APIError, _error_event, _params, _server, _sse, _text_response, chat_prompt, final, image_result, start
+from .routes import APIError, _params, _server, _text_response, chat_prompt, final, image_result, sse_response, start
 from .schemas import MAX_IMAGE_BYTES, SamplingFields, _Request, decode_image, image_from_base64
 
 router = APIRouter()
@@ -117,10 +116,6 @@ async def _split_image(messages: list[OAIMessage], allowed_domains: list[str]):
     return plain, image, text
 
 
-def _usage_chunk(shape, rid, created, usage) -> str:
-    return _sse(shape("chunk", rid=rid, created=created, text=None, finish=None) | {"choices": [], "usage": usage})
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: OAIChatRequest, request: Request):
     server = _server(request)
@@ -189,27 +184,21 @@ async def images_generations(body: OAIImageRequest, request: Request):
     if not body.stream:
         return image_result(await final(request, events), created, body.prompt)
 
-    async def sse():
+    async def stream():
         partial = 0
-        try:
-            async for ev in events:
-                if ev.kind == "step" and ev.preview is not None and partial < body.partial_images:
-                    for b64 in await asyncio.to_thread(server.preview_b64, ev.preview):
-                        yield _sse({"type": "image_generation.partial_image", "b64_json": b64,
-                                    "partial_image_index": partial, "created_at": created})
-                    partial += 1
-                elif ev.kind == "done":
-                    result = image_result(ev, created, body.prompt)
-                    for item in result["data"]:
-                        yield _sse({"type": "image_generation.completed", "b64_json": item["b64_json"],
-                                    "created_at": created, "usage": result["usage"]})
-        except APIError as e:
-            yield _error_event(e)
-        except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
-            yield _error_event(APIError(500, str(e), "server_error"))
-        yield _sse("[DONE]")
+        async for ev in events:
+            if ev.kind == "step" and ev.preview is not None and partial < body.partial_images:
+                for b64 in await asyncio.to_thread(server.preview_b64, ev.preview):
+                    yield {"type": "image_generation.partial_image", "b64_json": b64,
+                           "partial_image_index": partial, "created_at": created}
+                partial += 1
+            elif ev.kind == "done":
+                result = image_result(ev, created, body.prompt)
+                for item in result["data"]:
+                    yield {"type": "image_generation.completed", "b64_json": item["b64_json"],
+                           "created_at": created, "usage": result["usage"]}
 
-    return StreamingResponse(sse(), media_type="text/event-stream")
+    return sse_response(stream())
 
 
 @router.get("/v1/models")

@@ -129,6 +129,22 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
 
+def sse_response(payloads: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events, one per payload; a failure mid-stream becomes one error event; always [DONE]."""
+
+    async def body():
+        try:
+            async for obj in payloads:
+                yield _sse(obj)
+        except APIError as e:
+            yield _error_event(e)
+        except Exception as e:  # noqa: BLE001 - the client gets an error event, not a cut connection
+            yield _error_event(APIError(500, str(e), "server_error"))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
 def _usage(done: Event) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.step,
             "total_tokens": done.prompt_tokens + done.step}
@@ -142,28 +158,21 @@ async def _text_response(request: Request, add, stream: bool, shape, include_usa
         done = await final(request, events)
         return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=_usage(done))
 
-    async def sse():
+    async def chunks():
         sent = ""
-        try:
-            async for ev in events:
-                if ev.kind == "token" and ev.text:
-                    sent += ev.text
-                    yield _sse(shape("chunk", rid=rid, created=created, text=ev.text, finish=None))
-                elif ev.kind == "done":
-                    if ev.finish_reason == "error":
-                        raise _done_error(ev)
-                    yield _sse(shape("chunk", rid=rid, created=created, text=ev.text[len(sent):],
-                                     finish=ev.finish_reason))
-                    if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
-                        yield _sse(shape("chunk", rid=rid, created=created, text="", finish=None)
-                                   | {"choices": [], "usage": _usage(ev)})
-        except APIError as e:
-            yield _error_event(e)
-        except Exception as e:  # noqa: BLE001 - a failure mid-stream is an error event, then [DONE]
-            yield _error_event(APIError(500, str(e), "server_error"))
-        yield _sse("[DONE]")
+        async for ev in events:
+            if ev.kind == "token" and ev.text:
+                sent += ev.text
+                yield shape("chunk", rid=rid, created=created, text=ev.text, finish=None)
+            elif ev.kind == "done":
+                if ev.finish_reason == "error":
+                    raise _done_error(ev)
+                yield shape("chunk", rid=rid, created=created, text=ev.text[len(sent):], finish=ev.finish_reason)
+                if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                    yield shape("chunk", rid=rid, created=created, text="", finish=None) | {"choices": [],
+                                                                                         "usage": _usage(ev)}
 
-    return StreamingResponse(sse(), media_type="text/event-stream")
+    return sse_response(chunks())
 
 
 @router.post("/v1/chat")
@@ -243,23 +252,17 @@ async def generate_image(body: ImageRequest, request: Request):
     if not body.stream:
         return image_result(await final(request, events), created, body.prompt)
 
-    async def sse():
-        try:
-            async for ev in events:
-                if ev.kind == "step":
-                    step = {"type": "step", "step": ev.step, "steps": ev.steps}
-                    if ev.preview is not None:  # the current x0 prediction, decoded off the event loop
-                        step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
-                    yield _sse(step)
-                elif ev.kind == "done":
-                    yield _sse({"type": "completed"} | image_result(ev, created, body.prompt))
-        except APIError as e:
-            yield _error_event(e)
-        except Exception as e:  # noqa: BLE001
-            yield _error_event(APIError(500, str(e), "server_error"))
-        yield _sse("[DONE]")
+    async def steps():
+        async for ev in events:
+            if ev.kind == "step":
+                step = {"type": "step", "step": ev.step, "steps": ev.steps}
+                if ev.preview is not None:  # the current x0 prediction, decoded off the event loop
+                    step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
+                yield step
+            elif ev.kind == "done":
+                yield {"type": "completed"} | image_result(ev, created, body.prompt)
 
-    return StreamingResponse(sse(), media_type="text/event-stream")
+    return sse_response(steps())
 
 
 @router.get("/metrics")
