@@ -228,3 +228,25 @@ def test_queue_full_and_not_ready_answer_with_retry_after(client):
     finally:
         server.ready = True
     assert client.post("/v1/chat", json=body).status_code == 200
+
+
+def test_streams_send_previews_and_end_failures_with_an_error_event(client, monkeypatch):
+    events = sse_events(client.post("/v1/generate-image", json={"prompt": "a", "steps": 2, "stream": True,
+                                                               "preview_every": 1}))
+    previews = [e["images"] for e in events if isinstance(e, dict) and e.get("type") == "step"]
+    assert len(previews) == 2 and Image.open(io.BytesIO(base64.b64decode(previews[0][0]))).format == "PNG"
+
+    runner = client.engine.runner
+    real, calls = runner.decode, {"n": 0}
+
+    def fails_later(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom mid-stream")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "decode", fails_later)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "ignore_eos": True, "stream": True}
+    events = sse_events(client.post("/v1/chat", json=body))
+    assert events[-1] == "[DONE]" and "boom mid-stream" in events[-2]["error"]["message"]
+    assert calls["n"] == 3  # it failed mid-way, after two decode steps had streamed
