@@ -22,20 +22,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live(random_checkpoint_dir):
-    engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
+def _run_live(checkpoint, config: ServerConfig):
+    engine = Engine(load_checkpoint(checkpoint), EngineConfig(block_size=4))
     port = _free_port()
-    config = ServerConfig(served_model_name="tiny", allowed_image_domains=["localhost"])
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine=engine),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(config, engine=engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
+    return server, thread, f"http://127.0.0.1:{port}", engine, app
+
+
+@pytest.fixture
+def live(random_checkpoint_dir):
+    config = ServerConfig(served_model_name="tiny", allowed_image_domains=["localhost"])
+    server, thread, url, engine, _ = _run_live(random_checkpoint_dir, config)
+    yield url, engine
     server.should_exit = True
     thread.join(10)
 
@@ -175,3 +180,58 @@ def test_a_non_streaming_client_that_leaves_is_cancelled(live):
     assert not engine.requests and pool.num_free + pinned == pool.num_blocks
     metrics = httpx.get(url + "/metrics").text
     assert 'xfusion_request_success_total{finished_reason="abort",task="image"} 1.0' in metrics
+
+
+def test_every_endpoint_and_error_code_over_real_http(random_checkpoint_dir):
+    from xfusion_serve.schemas import image_to_base64
+    from xfusion_serve.shapes import sample as shape_sample
+
+    config = ServerConfig(served_model_name="tiny", api_keys=["key"], max_body_bytes=100_000)
+    server, thread, url, engine, app = _run_live(random_checkpoint_dir, config)
+    auth = {"Authorization": "Bearer key"}
+    png = image_to_base64(shape_sample(1, 1)[1])
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    try:
+        with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+            assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+            assert "xfusion_num_requests_running" in c.get("/metrics").text
+            assert c.post("/v1/chat", json=chat).status_code == 200
+            assert sse_lines(c, "/v1/chat", chat | {"stream": True})[-1] == "[DONE]"
+            assert c.post("/v1/caption", json={"image": png, "max_tokens": 3}).status_code == 200
+            assert c.post("/v1/caption", files={"image": ("a.png", base64.b64decode(png), "image/png")}).status_code == 200
+            assert c.post("/v1/generate-image", json={"prompt": "a", "steps": 2}).status_code == 200
+            assert sse_lines(c, "/v1/generate-image", {"prompt": "a", "steps": 2, "stream": True})[-1] == "[DONE]"
+            assert c.post("/v1/chat/completions", json=chat).status_code == 200
+            assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+            assert c.post("/v1/images/generations", json={"prompt": "a", "num_inference_steps": 2}).status_code == 200
+            assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+            def status(path, body=None, headers=None, **kw):
+                r = c.post(path, json=body, headers=headers, **kw)
+                assert "error" in r.json(), r.text
+                return r.status_code, r.headers
+
+            assert status("/v1/chat", chat, {"Authorization": "Bearer nope"})[0] == 401
+            assert status("/v1/caption", {"image": "A" * 200_000})[0] == 413
+            assert status("/v1/chat", {"messages": "hi"})[0] == 422
+            assert status("/v1/chat", {"messages": [{"role": "user", "content": "a " * 400}]})[0] == 400
+            assert status("/v1/generate-image", {"prompt": "a", "size": "64x64"})[0] == 400
+            assert status("/v1/caption", {"image": png[: len(png) // 2]})[0] == 400  # a truncated PNG
+            state = app.state.server
+            state.config.max_queue = 0
+            code, headers = status("/v1/chat", chat)
+            assert code == 429 and headers["retry-after"]
+            state.config.max_queue, state.ready = 256, False
+            code, headers = status("/v1/chat", chat)
+            assert code == 503 and headers["retry-after"]
+            state.ready = True
+            assert c.post("/v1/chat", json=chat).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def sse_lines(client: httpx.Client, path: str, body: dict) -> list[str]:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
