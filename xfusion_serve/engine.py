@@ -243,13 +243,14 @@ class Engine:
 
     # ---- offline API -------------------------------------------------------------------------------------
     def run(self, request_ids: list[str]) -> dict[str, Event]:
-        """Steps until every given request is done -> its done event."""
+        """Steps until every given request is done -> its done event (cancelled ones are left out)."""
         pending, done = set(request_ids), {}
         while pending:
             for ev in self.step():
                 if ev.kind == "done" and ev.request_id in pending:
                     done[ev.request_id] = ev
                     pending.discard(ev.request_id)
+            pending &= set(self.requests)  # a request cancelled meanwhile will never be done
         return done
 
     def complete(self, prompt_texts: list[str], params: SamplingParams | None = None) -> list[str]:
