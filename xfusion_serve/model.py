@@ -348,6 +348,12 @@ class XFusionModel(nn.Module):
         run_vision = attention.keeps("vision") or bool(is_image.any())
         cos, sin = self.rope(positions, h.dtype)
         vcos, vsin = self.vision_rope(positions, h.dtype) if run_vision else (cos, sin)
+        if run_text != run_vision:  # one tower serves every token (decode, a denoising step): no row picking
+            blocks, tower, c, s = ((self.text.model.layers, "text", cos, sin) if run_text
+                                   else (self.vision.layers, "vision", vcos, vsin))
+            for i, block in enumerate(blocks):
+                h = self._tower(block, h, None, c, s, attention, tower, i)
+            return h
         for i, text_block in enumerate(self.text.model.layers):
             out = h.clone()
             if run_text:
@@ -366,13 +372,16 @@ class XFusionModel(nn.Module):
 
     @staticmethod
     def _tower(block: Block, h, rows, cos, sin, attention, tower: str, layer: int) -> torch.Tensor | None:
-        """One block over the tokens, returning only the rows whose queries it serves: [N_rows, D]."""
+        """One block over the tokens, returning only the rows whose queries it serves: [N_rows, D]
+        (rows None: every token, in h's own shape)."""
         x = block.input_layernorm(h)
         k, v = block.self_attn.kv(x, cos, sin)
-        if not rows.any():  # keys/values for later queries only (an image prompt's vision K/V)
+        if rows is not None and not rows.any():  # keys/values for later queries only (an image prompt's)
             attention(tower, layer, None, k, v)
             return None
         attn = attention(tower, layer, block.self_attn.q(x, cos, sin), k, v)
+        if rows is None:
+            return block.finish(h, attn)
         return block.finish(h[rows], attn[rows])
 
     def requires_grad_vision_only(self) -> "XFusionModel":
