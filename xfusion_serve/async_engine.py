@@ -35,7 +35,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xfusion-engine", daemon=True)
         self.running = False
-        self.last_step_at = time.monotonic()
 
     def start(self) -> None:
         self.running = True
@@ -103,7 +102,6 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
                     log.exception("cancelling %s failed", rid)
             if not self.engine.has_work():
-                self.last_step_at = time.monotonic()
                 time.sleep(0.002)
                 continue
             before = dict(self.engine.requests)
@@ -112,7 +110,6 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
                 log.exception("engine step failed")
                 events = self._fail_all(str(e))
-            self.last_step_at = time.monotonic()
             if self.metrics is not None:
                 try:
                     self.metrics.observe(self.engine, events, before)

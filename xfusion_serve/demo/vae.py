@@ -9,13 +9,9 @@ import torch
 from tqdm import tqdm
 
 from .. import shapes
-from ..data import images_to_tensor, tensor_to_images
+from ..data import images_to_tensor
 
 log = logging.getLogger(__name__)
-
-
-def to_tensor(images) -> torch.Tensor:
-    return images_to_tensor(list(images), shapes.SIZE, shapes.SIZE)
 
 
 def build_vae():
@@ -36,7 +32,8 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int, lr: float = 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="vae", mininterval=5)
     for step in bar:
-        x = to_tensor(shapes.sample(seed, step * batch_size + i)[1] for i in range(batch_size))
+        x = images_to_tensor([shapes.sample(seed, step * batch_size + i)[1] for i in range(batch_size)],
+                             shapes.SIZE, shapes.SIZE)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         # L1 keeps the flat colours and hard edges sharper than MSE alone.
@@ -51,19 +48,9 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int, lr: float = 
     # SD3's latent normalisation, (z - shift) * scale, fitted on fresh samples.
     vae.eval()
     with torch.no_grad():
-        x = to_tensor(shapes.sample(seed + 1, i)[1] for i in range(512))
+        x = images_to_tensor([shapes.sample(seed + 1, i)[1] for i in range(512)], shapes.SIZE, shapes.SIZE)
         z = vae.encode(x).latent_dist.mode()
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(out)
     log.info("VAE: shift %.4f scale %.4f", vae.config.shift_factor, vae.config.scaling_factor)
     return out
-
-
-@torch.no_grad()
-def reconstruction_accuracy(vae, n: int = 256, seed: int = 12345) -> dict[str, float]:
-    """How often the checker reads a VAE round trip back as the original: the floor for generation."""
-    pairs = [shapes.sample(seed, i) for i in range(n)]
-    rec = vae.decode(vae.encode(to_tensor(p[1] for p in pairs)).latent_dist.mode()).sample
-    images = tensor_to_images(rec)
-    hits = [shapes.score(s, shapes.read_image(im)) for (s, _), im in zip(pairs, images)]
-    return {a: sum(h[a] for h in hits) / n for a in shapes.ATTRIBUTES}
