@@ -9,7 +9,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
-from pathlib import Path
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
@@ -107,3 +110,30 @@ def random_checkpoint_dir(checkpoint_dir) -> Path:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     save_vision_tower(model, checkpoint_dir)
     return checkpoint_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_live(checkpoint, config, engine_config=None):
+    """uvicorn serving the app on a free local port, in a thread. -> (server, thread, url, engine, app)"""
+    import uvicorn
+
+    from xfusion_serve import load_checkpoint
+    from xfusion_serve.engine import Engine, EngineConfig
+    from xfusion_serve.server import create_app
+
+    engine = Engine(load_checkpoint(checkpoint), engine_config or EngineConfig(block_size=4))
+    port = free_port()
+    app = create_app(config, engine=engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}", engine, app

@@ -7,12 +7,12 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import free_port
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -75,16 +75,10 @@ def test_a_handful_of_samples_are_well_above_chance(client):
     assert gen["color"] >= 0.6 and gen["shape"] >= 0.5 and gen["size"] >= 0.8 and gen["position"] >= 0.5, gen
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_full_eval_through_a_live_server_meets_the_targets():
     """The figures of the README: 300 fresh captions and 300 fresh images through `xfusion-serve serve`."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--port", str(port)],
                               env=os.environ | {"OMP_NUM_THREADS": "2"})
     try:

@@ -12,7 +12,7 @@ from xfusion_serve.data import encode_images
 from xfusion_serve.engine import Engine, EngineConfig
 from xfusion_serve.model import ImageSegment, padded_forward
 from xfusion_serve.sampler import caption_greedy_uncached, initial_noise, sample_images_uncached
-from xfusion_serve.sampling import SamplingParams
+from xfusion_serve.sampling import SamplingParams, sample_next
 from xfusion_serve.shapes import sample as shape_sample
 
 PROMPTS = [[2, 7, 9, 11, 5], [2, 30, 31], [2] + list(range(40, 60)), [2, 8]]
@@ -117,6 +117,16 @@ def test_seeded_sampling_is_the_same_alone_or_batched(random_checkpoint_dir):
     other_seed = run_text(engine, [PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
     assert alone == batched and len(alone) == 12
     assert alone != other_seed
+
+
+def test_extreme_sampling_settings_still_give_the_greedy_token():
+    """Found by schemathesis: a top_p of 5e-324 is 0 in float32 and dropped every token; a temperature of
+    1e-300 overflows the logits. Both are greedy decoding in the limit, and that is what they give."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [1.0, -2.0, 0.0, 0.9]])
+    greedy = logits.argmax(-1).tolist()
+    for p in (SamplingParams(temperature=1.0, top_p=5e-324), SamplingParams(temperature=1e-300),
+              SamplingParams(temperature=2.0, top_k=1)):
+        assert sample_next(logits, [p, p], [p.generator(), p.generator()]) == greedy
 
 
 def test_preemption_recomputes_and_gives_the_same_tokens(random_checkpoint_dir):

@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import free_port, run_live
 
-from xfusion_serve import load_checkpoint
-from xfusion_serve.engine import Engine, EngineConfig
-from xfusion_serve.server import ServerConfig, create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_live(checkpoint, config: ServerConfig):
-    engine = Engine(load_checkpoint(checkpoint), EngineConfig(block_size=4))
-    port = _free_port()
-    app = create_app(config, engine=engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}", engine, app
+from xfusion_serve.server import ServerConfig
 
 
 @pytest.fixture
 def live(random_checkpoint_dir):
     config = ServerConfig(served_model_name="tiny", allowed_image_domains=["localhost"])
-    server, thread, url, engine, _ = _run_live(random_checkpoint_dir, config)
+    server, thread, url, engine, _ = run_live(random_checkpoint_dir, config)
     yield url, engine
     server.should_exit = True
     thread.join(10)
@@ -135,7 +112,7 @@ def test_sigterm_drains_running_requests_then_exits(random_checkpoint_dir):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--checkpoint",
                              str(random_checkpoint_dir), "--port", str(port), "--drain-timeout", "20",
                              "--block-size", "4"], env=os.environ | {"OMP_NUM_THREADS": "1"},
@@ -187,7 +164,7 @@ def test_every_endpoint_and_error_code_over_real_http(random_checkpoint_dir):
     from xfusion_serve.shapes import sample as shape_sample
 
     config = ServerConfig(served_model_name="tiny", api_keys=["key"], max_body_bytes=100_000)
-    server, thread, url, engine, app = _run_live(random_checkpoint_dir, config)
+    server, thread, url, engine, app = run_live(random_checkpoint_dir, config)
     auth = {"Authorization": "Bearer key"}
     png = image_to_base64(shape_sample(1, 1)[1])
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

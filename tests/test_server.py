@@ -194,6 +194,7 @@ def test_metrics_parse_and_move(client):
     assert moved("xfusion_image_generation_seconds_count") == 1
     assert ("xfusion_kv_cache_usage_perc", (("tower", "text"),)) in after
     assert after[("xfusion_num_requests_running", (("task", "image"),))] == 0
+    assert after[("process_resident_memory_bytes", ())] > 10 << 20  # the load generator reads memory here
 
 
 def test_caption_as_a_multipart_upload(client):

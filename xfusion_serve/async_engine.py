@@ -1,6 +1,8 @@
 """The engine on a thread of its own, for the server: requests go in through a queue, events come back to
 each request's asyncio queue. Cancelling (a client gone, a timeout) frees the request's blocks at the next
-step boundary. One failing step fails the requests in it, never the loop."""
+step boundary. A failing batch fails its own requests (the engine sees to that); an exception that escapes
+a step means the engine's state can no longer be trusted: every request ends with an error, the loop stops
+and `failure` says why, so /health fails and the orchestrator restarts the process instead of it hanging."""
 
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from .engine import Engine, Event
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop has stopped for good; the process should be restarted."""
 
 
 @dataclass
@@ -35,6 +41,8 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xfusion-engine", daemon=True)
         self.running = False
+        self.failure: str | None = None
+        self._failing = threading.Lock()  # a request is either refused or queued before the inbox is emptied
 
     def start(self) -> None:
         self.running = True
@@ -54,7 +62,10 @@ class AsyncEngine:
         """Adds a request (on the engine thread) and yields its events until its done event."""
         loop = asyncio.get_running_loop()
         sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
-        self._inbox.put(sub)
+        with self._failing:
+            if self.failure:
+                raise EngineFailed(self.failure)
+            self._inbox.put(sub)
         request_id = None
         try:
             request_id = await sub.ready  # raises what adding raised (bad input)
@@ -88,48 +99,58 @@ class AsyncEngine:
             sub.loop.call_soon_threadsafe(_set_result, sub.ready, rid)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._drain_inbox()
-            while not self._cancels.empty():
-                rid = self._cancels.get_nowait()
-                req = self.engine.requests.get(rid)
-                self._streams.pop(rid, None)
-                try:
-                    self.engine.cancel(rid)
-                    if self.metrics is not None and req is not None:
-                        self.metrics.aborted(req)
-                        self.metrics.observe(self.engine, [], {})  # gauges must not wait for the next step
-                except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
-                    log.exception("cancelling %s failed", rid)
-            if not self.engine.has_work():
-                time.sleep(0.002)
-                continue
-            before = dict(self.engine.requests)
-            try:
-                events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
-                log.exception("engine step failed")
-                events = self._fail_all(str(e))
-            if self.metrics is not None:
-                try:
-                    self.metrics.observe(self.engine, events, before)
-                except Exception:  # noqa: BLE001
-                    log.exception("metrics update failed")
-            for ev in events:
-                sub = self._streams.get(ev.request_id)
-                if sub is not None:
-                    self._deliver(sub, ev)
-                    if ev.kind == "done":
-                        self._streams.pop(ev.request_id, None)
+        try:
+            while not self._stop.is_set():
+                self._iteration()
+        except BaseException as e:  # noqa: BLE001 - nothing may leave the clients waiting forever
+            log.exception("engine loop failed; the engine stops")
+            with self._failing:
+                self.failure = f"{type(e).__name__}: {e}"
+                self._fail_all(self.failure)
 
-    def _fail_all(self, message: str) -> list[Event]:
-        """After a failed step: every request still streaming ends with an error and gives its blocks back."""
-        events = []
-        for rid in set(self.engine.requests) | set(self._streams):
-            self.engine.cancel(rid)
-            events.append(Event(rid, "done", finish_reason="error", error=f"internal error: {message}",
-                                error_type="server_error"))
-        return events
+    def _iteration(self) -> None:
+        self._drain_inbox()
+        while not self._cancels.empty():
+            rid = self._cancels.get_nowait()
+            req = self.engine.requests.get(rid)
+            self._streams.pop(rid, None)
+            try:
+                self.engine.cancel(rid)
+                if self.metrics is not None and req is not None:
+                    self.metrics.aborted(req)
+                    self.metrics.observe(self.engine, [], {})  # gauges must not wait for the next step
+            except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
+                log.exception("cancelling %s failed", rid)
+        if not self.engine.has_work():
+            time.sleep(0.002)
+            return
+        before = dict(self.engine.requests)
+        events = self.engine.step()
+        if self.metrics is not None:
+            try:
+                self.metrics.observe(self.engine, events, before)
+            except Exception:  # noqa: BLE001
+                log.exception("metrics update failed")
+        for ev in events:
+            sub = self._streams.get(ev.request_id)
+            if sub is not None:
+                self._deliver(sub, ev)
+                if ev.kind == "done":
+                    self._streams.pop(ev.request_id, None)
+
+    def _fail_all(self, message: str) -> None:
+        """The engine is gone: every request streaming or still in the inbox ends with an error."""
+        self.running = False
+        for rid, sub in list(self._streams.items()):
+            self._deliver(sub, Event(rid, "done", finish_reason="error", error=f"internal error: {message}",
+                                     error_type="server_error"))
+        self._streams.clear()
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
 
     @property
     def alive(self) -> bool:

@@ -6,7 +6,9 @@ It is also the offline Python API: `Engine.from_checkpoint(path)` then `chat`, `
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,21 @@ from .runner import ModelRunner
 from .sampler import flow_sigmas, guided, initial_noise
 from .sampling import SamplingParams, find_stop, sample_next
 from .scheduler import ImageRequest, Plan, Scheduler, TextRequest
+
+log = logging.getLogger(__name__)
+
+
+def is_fatal(err: BaseException) -> bool:
+    """A device error leaves the device unusable for every later step: no request can be served any more."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(err, accelerator_error) or "CUDA error" in str(err)
+
+
+def by_size(reqs: list[ImageRequest]) -> list[list[ImageRequest]]:
+    groups: dict[tuple, list[ImageRequest]] = {}
+    for r in reqs:
+        groups.setdefault(tuple(r.latents.shape[1:]), []).append(r)
+    return list(groups.values())
 
 
 @dataclass
@@ -71,6 +88,9 @@ class Engine:
                                    ckpt.model.text_config.max_position_embeddings)
         self.tokenizer = ckpt.tokenizer
         self.requests: dict[str, TextRequest | ImageRequest] = {}
+        # Test-only fault injection: called as fault_hook(phase, requests) before each batch ("prefill",
+        # "decode", "prompts", "denoise", "vae") and with ("schedule", []) before scheduling.
+        self.fault_hook: Callable[[str, list], None] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
@@ -127,57 +147,82 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
+        """One step. A batch that raises fails its own requests only; an exception that escapes (the
+        scheduler's state, a device error) means the engine cannot go on."""
+        if self.fault_hook:
+            self.fault_hook("schedule", [])
         plan = self.scheduler.schedule()
         results = self._run(plan)
         return self._postprocess(plan, results)
 
+    def _batch(self, results: dict, phase: str, reqs: list, fn: Callable[[], object]):
+        """fn() -> its result, or None when it raised: then reqs end with a server error."""
+        try:
+            if self.fault_hook:
+                self.fault_hook(phase, reqs)
+            return fn()
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            log.exception("%s batch of %d requests failed", phase, len(reqs))
+            results["failed"].append((list(reqs), f"{type(e).__name__}: {e}"))
+            return None
+
     def _run(self, plan: Plan) -> dict:
-        out: dict = {}
+        out: dict = {"failed": []}
         if plan.prefill:
-            out["prefill"] = self._sample(plan.prefill, self.runner.prefill(
-                [r.segments() for r in plan.prefill], [r.blocks for r in plan.prefill]))
+            out["prefill"] = self._batch(out, "prefill", plan.prefill, lambda: self._sample(
+                plan.prefill, self.runner.prefill([r.segments() for r in plan.prefill], [r.blocks for r in plan.prefill])))
         if plan.decode:
-            out["decode"] = self._sample(plan.decode, self.runner.decode(
-                [r.output[-1] for r in plan.decode], [r.length for r in plan.decode], [r.blocks for r in plan.decode]))
-        if plan.prompts:
-            self.runner.prefill_prompts([r.prompt if role == "cond" else r.negative for r, role in plan.prompts],
-                                        [r.tables[role] for r, role in plan.prompts])
-            self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
-        if plan.denoise:
-            out["denoise"] = self._denoise(plan.denoise)
+            out["decode"] = self._batch(out, "decode", plan.decode, lambda: self._sample(plan.decode, self.runner.decode(
+                [r.output[-1] for r in plan.decode], [r.length for r in plan.decode], [r.blocks for r in plan.decode])))
+        if plan.prompts:  # a prompt whose K/V never landed fails every request that shares it
+            fresh = {tuple(r.prompt_ids(role)) for r, role in plan.prompts}
+            users = [r for r in plan.denoise if any(tuple(r.prompt_ids(role)) in fresh for role in r.tables)]
+            if self._batch(out, "prompts", users, lambda: self.runner.prefill_prompts(
+                    [r.prompt_ids(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])
+                    or True):
+                self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
+        failed = {id(r) for reqs, _ in out["failed"] for r in reqs}
+        plan.denoise = [r for r in plan.denoise if id(r) not in failed]
+        out["denoise"] = {}
+        for group in by_size(plan.denoise):
+            previews = self._batch(out, "denoise", group, lambda: self._denoise(group))
+            if previews is None:
+                plan.denoise = [r for r in plan.denoise if r not in group]
+            else:
+                out["denoise"].update(previews)
         return out
 
     def _sample(self, reqs: list[TextRequest], logits: torch.Tensor) -> list[int]:
         return sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
 
-    def _denoise(self, reqs: list[ImageRequest]) -> dict[str, torch.Tensor]:
-        """One Euler step for every running image request, cond and uncond rows in one batch per size."""
+    def _denoise(self, group: list[ImageRequest]) -> dict[str, torch.Tensor]:
+        """One Euler step for image requests of one size, cond and uncond rows in one batch."""
         previews: dict[str, torch.Tensor] = {}
-        by_size: dict[tuple, list[ImageRequest]] = {}
-        for r in reqs:
-            by_size.setdefault(tuple(r.latents.shape[1:]), []).append(r)
-        for group in by_size.values():
-            latents, sigmas, tables, lens = [], [], [], []
-            for r in group:
-                sigma = r.sigmas[r.step]
-                for role in ("cond", "uncond") if r.guided else ("cond",):
-                    ids = r.prompt if role == "cond" else r.negative
-                    latents.append(r.latents)
-                    sigmas += [sigma] * len(r.seeds)
-                    tables += [r.tables[role]] * len(r.seeds)
-                    lens += [len(ids) + 1] * len(r.seeds)
-            v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens)
-            start = 0
-            for r in group:
-                n = len(r.seeds)
-                v_r = v[start : start + n]
-                if r.guided:
-                    v_r = guided(v_r, v[start + n : start + 2 * n], r.guidance_scale)
-                start += 2 * n if r.guided else n
-                sigma, sigma_next = r.sigmas[r.step], r.sigmas[r.step + 1]
-                if r.preview_every and (r.step + 1) % r.preview_every == 0:
-                    previews[r.id] = r.latents - sigma * v_r  # x0 = x_sigma - sigma * v
-                r.latents = r.latents + (sigma_next - sigma) * v_r
+        latents, sigmas, tables, lens = [], [], [], []
+        for r in group:
+            sigma = r.sigmas[r.step]
+            for role in ("cond", "uncond") if r.guided else ("cond",):
+                ids = r.prompt_ids(role)
+                latents.append(r.latents)
+                sigmas += [sigma] * len(r.seeds)
+                tables += [r.tables[role]] * len(r.seeds)
+                lens += [len(ids) + 1] * len(r.seeds)
+        v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens)
+        start, updated = 0, []
+        for r in group:
+            n = len(r.seeds)
+            v_r = v[start : start + n]
+            if r.guided:
+                v_r = guided(v_r, v[start + n : start + 2 * n], r.guidance_scale)
+            start += 2 * n if r.guided else n
+            sigma, sigma_next = r.sigmas[r.step], r.sigmas[r.step + 1]
+            if r.preview_every and (r.step + 1) % r.preview_every == 0:
+                previews[r.id] = r.latents - sigma * v_r  # x0 = x_sigma - sigma * v
+            updated.append(r.latents + (sigma_next - sigma) * v_r)
+        for r, x in zip(group, updated):  # only once the whole group has succeeded
+            r.latents = x
         return previews
 
     def _postprocess(self, plan: Plan, results: dict) -> list[Event]:
@@ -185,10 +230,12 @@ class Engine:
                   for r, msg in plan.failed]
         for r, _ in plan.failed:
             self.requests.pop(r.id, None)
+        for reqs, msg in results["failed"]:
+            events += self._fail(reqs, msg)
         for r in plan.out_of_room:  # alone and still longer than the whole cache: it ends here
             events.append(self._finish_text(r, "length", self.tokenizer.decode(r.output, skip_special_tokens=True)))
         for key in ("prefill", "decode"):
-            for req, token in zip(getattr(plan, key), results.get(key, [])):
+            for req, token in zip(getattr(plan, key), results.get(key) or []):
                 events += self._append(req, token)
         finished = []
         for r in plan.denoise:
@@ -196,16 +243,23 @@ class Engine:
             events.append(Event(r.id, "step", step=r.step, steps=r.steps, preview=results["denoise"].get(r.id)))
             if r.step == r.steps:
                 finished.append(r)
-        by_size: dict[tuple, list[ImageRequest]] = {}
-        for r in finished:
-            by_size.setdefault(tuple(r.latents.shape[1:]), []).append(r)
-        for group in by_size.values():  # one batched VAE decode per size for the images done this step
-            images = decode_latents(self.ckpt.vae, torch.cat([r.latents for r in group]))
+        for group in by_size(finished):  # one batched VAE decode per size for the images done this step
+            images = self._batch(results, "vae", group, lambda: decode_latents(
+                self.ckpt.vae, torch.cat([r.latents for r in group])))
+            if images is None:
+                events += self._fail(group, results["failed"][-1][1])
+                continue
             for r in group:
                 events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop"))
                 images = images[len(r.seeds):]
                 self._end(r, "stop")
         return events
+
+    def _fail(self, reqs: list, message: str) -> list[Event]:
+        for r in reqs:
+            self._end(r, "error")
+        return [Event(r.id, "done", finish_reason="error", error=f"internal error: {message}",
+                      error_type="server_error") for r in reqs]
 
     def _append(self, req: TextRequest, token: int) -> list[Event]:
         params = req.params

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from .engine import Engine, Event
 from .scheduler import TextRequest
@@ -26,6 +26,7 @@ def task_of(req) -> str:
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: memory growth shows up here
         p = "xfusion_"
         self.running = Gauge(p + "num_requests_running", "Requests in the running batch", ["task"], registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting to be admitted", ["task"], registry=r)

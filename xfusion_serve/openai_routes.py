@@ -9,10 +9,11 @@ import time
 from typing import Literal
 from urllib.parse import urlparse
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from .routes import APIError, _params, _server, _text_response, chat_prompt, final, image_result, sse_response, start
+from .routes import (APIError, _params, _server, _text_response, admit, chat_prompt, final, image_result, sse_response,
+                     start)
 from .schemas import MAX_IMAGE_BYTES, SamplingFields, _Request, decode_image, image_from_base64
 
 router = APIRouter()
@@ -39,6 +40,8 @@ class StreamOptions(BaseModel):
 
 class OAISampling(SamplingFields):
     model: str | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
     stream_options: StreamOptions | None = None
@@ -49,13 +52,14 @@ class OAIChatRequest(OAISampling):
 
 
 class OAICompletionRequest(OAISampling):
-    prompt: str = Field(max_length=100_000)
+    prompt: str = Field(min_length=1, max_length=100_000)
     max_tokens: int = Field(default=16, ge=1, le=8192)  # OpenAI's default for completions
 
 
 class OAIImageRequest(_Request):
-    prompt: str = Field(max_length=10_000)
+    prompt: str = Field(min_length=1, max_length=10_000)
     model: str | None = None
+    user: str | None = None
     n: int = Field(default=1, ge=1, le=8)
     size: str | None = Field(default=None, pattern=r"^\d{1,5}x\d{1,5}$")
     response_format: Literal["b64_json"] = "b64_json"
@@ -116,7 +120,7 @@ async def _split_image(messages: list[OAIMessage], allowed_domains: list[str]):
     return plain, image, text
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(admit)])
 async def chat_completions(body: OAIChatRequest, request: Request):
     server = _server(request)
     if body.max_completion_tokens:
@@ -147,7 +151,7 @@ async def chat_completions(body: OAIChatRequest, request: Request):
     return await _text_response(request, add, body.stream, shape, include_usage)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(admit)])
 async def completions(body: OAICompletionRequest, request: Request):
     server = _server(request)
     ids = server.tokenizer(body.prompt).input_ids
@@ -165,7 +169,7 @@ async def completions(body: OAICompletionRequest, request: Request):
     return await _text_response(request, lambda e: e.add_text(ids, params), body.stream, shape, include_usage)
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", dependencies=[Depends(admit)])
 async def images_generations(body: OAIImageRequest, request: Request):
     server = _server(request)
     size = server.check_size(body.size)

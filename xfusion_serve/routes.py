@@ -9,12 +9,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .async_engine import EngineFailed
 from .engine import Engine, Event
 from .sampling import SamplingParams
 from .schemas import (CaptionRequest, ChatRequest, ImageRequest, SamplingFields, decode_image, image_from_base64,
@@ -51,22 +52,51 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text).input_ids
 
 
+def _refuse_when_full(server, reserved: int) -> None:
+    """503 while loading, draining or after an engine failure; 429 when the queue (with the places already
+    promised to requests still being read) is full."""
+    if not server.ready or not server.engine.alive:
+        raise APIError(503, "the model is loading, the server is draining, or the engine has failed",
+                       "service_unavailable", headers={"Retry-After": "5"})
+    running, waiting = server.engine.load()
+    if waiting + reserved >= server.config.max_queue:
+        raise APIError(429, "the server is at its queue limit; retry later", "rate_limit_exceeded",
+                       headers={"Retry-After": "1"})
+
+
+async def admit(request: Request):
+    """A dependency of every inference route: a place in the queue is promised before the body is decoded
+    (a refused request costs no image decoding) and held until `start` queues the request or it fails."""
+    server = _server(request)
+    _refuse_when_full(server, server.admitting)
+    server.admitting += 1
+    request.state.place = True
+    try:
+        yield
+    finally:
+        _give_back_place(request)
+
+
+def _give_back_place(request: Request) -> None:
+    if getattr(request.state, "place", False):
+        request.state.place = False
+        _server(request).admitting -= 1
+
+
 async def start(request: Request, add) -> AsyncIterator[Event]:
     """Queues a request; whatever refuses it before its first event becomes an HTTP error.
     -> an iterator over all of its events."""
     server = _server(request)
-    if not server.ready or not server.engine.alive:
-        raise APIError(503, "the model is loading or the server is draining", "service_unavailable",
-                       headers={"Retry-After": "5"})
-    running, waiting = server.engine.load()
-    if waiting >= server.config.max_queue:
-        raise APIError(429, "the server is at its queue limit; retry later", "rate_limit_exceeded",
-                       headers={"Retry-After": "1"})
+    _give_back_place(request)
+    # No await from here to the queue: the check and the queueing are one step for the event loop.
+    _refuse_when_full(server, server.admitting)
     stream = server.engine.submit(add)
     try:
         first = await anext(stream)
     except ValueError as e:  # the engine refused the input (a size it was not trained on, ...)
         raise APIError(400, str(e)) from e
+    except EngineFailed as e:
+        raise APIError(503, f"the engine has failed ({e}); the server needs a restart", "service_unavailable") from e
     if first.kind == "done" and first.finish_reason == "error":
         raise _done_error(first)
 
@@ -175,7 +205,7 @@ async def _text_response(request: Request, add, stream: bool, shape, include_usa
     return sse_response(chunks())
 
 
-@router.post("/v1/chat")
+@router.post("/v1/chat", dependencies=[Depends(admit)])
 async def chat(body: ChatRequest, request: Request):
     server = _server(request)
     ids = chat_prompt(server.tokenizer, [m.model_dump() for m in body.messages])
@@ -206,17 +236,27 @@ async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
             data = await upload.read()
             body = CaptionRequest.model_validate({k: v for k, v in form.items() if k != "image"} | {"image": ""})
             return body, decode_image(data)
-        body = CaptionRequest.model_validate(await request.json())
+        try:
+            raw = json.loads(await request.body())
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+            raise APIError(400, f"the body could not be parsed as JSON ({type(e).__name__})") from e
+        body = CaptionRequest.model_validate(raw)
         return body, image_from_base64(body.image)
     except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
-    except json.JSONDecodeError as e:
-        raise APIError(422, f"body: not JSON ({e})") from e
     except ValueError as e:
         raise APIError(400, str(e), param="image") from e
 
 
-@router.post("/v1/caption")
+# The body is read by hand (JSON or multipart); the schema still tells clients and fuzzers what it takes.
+_CAPTION_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CaptionRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {**CaptionRequest.model_json_schema(),
+                                       "properties": {**CaptionRequest.model_json_schema()["properties"],
+                                                      "image": {"type": "string", "format": "binary"}}}}}}}
+
+
+@router.post("/v1/caption", dependencies=[Depends(admit)], openapi_extra=_CAPTION_BODY)
 async def caption(request: Request):
     server = _server(request)
     body, image = await _caption_body(request)
@@ -237,7 +277,7 @@ async def caption(request: Request):
     return await _text_response(request, add, body.stream, shape)
 
 
-@router.post("/v1/generate-image")
+@router.post("/v1/generate-image", dependencies=[Depends(admit)])
 async def generate_image(body: ImageRequest, request: Request):
     server = _server(request)
     size = server.check_size(body.size)
@@ -273,7 +313,11 @@ async def metrics(request: Request):
 
 
 @router.get("/health")
-async def health():
+async def health(request: Request):
+    """Liveness: fails only when the engine has stopped for good (loading and draining are alive)."""
+    engine = _server(request).engine
+    if engine is not None and engine.failure:
+        return JSONResponse({"status": "failed", "error": engine.failure}, status_code=503)
     return {"status": "ok"}
 
 

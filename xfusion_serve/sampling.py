@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this temperature sampling is greedy decoding: logits / 1e-300 overflow to inf and softmax to NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -45,7 +48,7 @@ def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: 
     logits = logits.float()
     out = logits.argmax(-1).tolist()
     for b, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             continue
         row = logits[b] / p.temperature
         if p.top_k:
@@ -54,8 +57,10 @@ def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: 
         probs = row.softmax(-1)
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (the first token always stays).
+            # Keep the smallest set whose mass reaches top_p; the first token always stays, even for a
+            # top_p so small that it is 0 in float32.
             drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+            drop[0] = False
             probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
         out[b] = int(torch.multinomial(probs.cpu(), 1, generator=g))
     return out

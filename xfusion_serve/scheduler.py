@@ -90,6 +90,9 @@ class ImageRequest:
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
 
+    def prompt_ids(self, role: str) -> list[int]:
+        return self.prompt if role == "cond" else self.negative
+
 
 @dataclass
 class Plan:
@@ -231,7 +234,7 @@ class Scheduler:
         if req in self.images:
             self.images.remove(req)
         for role, tables in list(req.tables.items()):
-            key = tuple(req.prompt if role == "cond" else req.negative)
+            key = tuple(req.prompt_ids(role))
             for t, blocks in tables.items():
                 self.pools[t].blocks.release(blocks)
             entry = self.prompt_cache.get(key)

@@ -15,7 +15,8 @@ MAX_IMAGE_BYTES = 20 << 20
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # A misspelt option ("temprature") silently ignored gives an answer the client did not ask for.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ChatMessage(BaseModel):
@@ -54,7 +55,7 @@ class CaptionRequest(SamplingFields):
 
 
 class ImageRequest(_Request):
-    prompt: str = Field(max_length=10_000)
+    prompt: str = Field(min_length=1, max_length=10_000)
     negative_prompt: str = Field(default="", max_length=10_000)
     n: int = Field(default=1, ge=1, le=8)
     size: str | None = Field(default=None, pattern=r"^\d{1,5}x\d{1,5}$")

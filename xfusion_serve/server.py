@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig
@@ -57,6 +58,7 @@ class ServerState:
         self.started = int(time.time())
         self.vae = None
         self.ready = False
+        self.admitting = 0  # queue places promised to requests whose bodies are still being read
 
     def check_size(self, size: str | None) -> tuple[int, int] | None:
         """'WxH' -> (height, width), only for a size the checkpoint was trained on."""
@@ -146,8 +148,17 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(422, f"the body is not valid JSON ({first.get('ctx', {}).get('error')})"))
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error_response(APIError(422, f"{param}: {first.get('msg', 'invalid request')}", param=param))
+        return error_response(APIError(422, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        message = str(err.detail)
+        if message == "There was an error parsing the body":  # what FastAPI says for any undecodable JSON
+            message = "the body could not be parsed as JSON (invalid UTF-8, nesting too deep or a number too long)"
+        return error_response(APIError(err.status_code, message, headers=err.headers))
 
     return app
 
