@@ -54,17 +54,28 @@ def chat_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
+# What tells the shapes apart, in words. A real LLM knows that a circle is round and a square has four sides;
+# without sentences in which the shape word follows from its context, this tiny LLM learns near-identical
+# output embeddings for " circle" and " square" (they were 0.1 apart, colours 0.7), and a frozen text tower
+# like that cannot be taught by the vision tower to name the one it sees.
+TRAITS = {"circle": "round", "square": "with four sides", "triangle": "with three sides"}
+
+
 def corpus(seed: int) -> list[str]:
     """Plain sentences about the world; chat turns are added through the chat template by the caller."""
     rng = random.Random(seed)
     docs = []
     for s in shapes.all_shapes():
+        trait = TRAITS[s.shape]
         docs += [s.caption, s.caption + ".", f"there is {s.caption}.", f"the picture shows {s.caption}.",
-                 f"the {s.shape} is {s.color}.", f"the {s.color} {s.shape} is {s.size}."]
+                 f"the {s.shape} is {s.color}.", f"the {s.color} {s.shape} is {s.size}.",
+                 f"there is {s.caption}. it is a {s.shape}.",
+                 f"the {s.color} shape {trait} is a {s.shape}.",
+                 f"a {s.size} {s.color} shape {trait} is a {s.shape}."]
     for color in shapes.COLORS:
         docs += [f"{color} is a color.", f"a {color} shape."]
-    for shape in shapes.SHAPES:
-        docs += [f"a {shape} is a shape.", f"the {shape} can be small or large."]
+    for shape, trait in TRAITS.items():
+        docs += [f"a {shape} is a shape.", f"the {shape} can be small or large.", f"a shape {trait} is a {shape}."]
     rng.shuffle(docs)
     return docs
 

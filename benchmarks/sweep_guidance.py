@@ -1,0 +1,34 @@
+"""Generation accuracy of a shapes-world checkpoint against the sampler's guidance scale and steps (not a
+test: it prints figures). Tuning seeds differ from `xfusion-serve eval`'s, so the eval stays held out.
+
+    python benchmarks/sweep_guidance.py [--checkpoint DIR] [--guidance 1 1.5 2 3] [--steps 20] [--images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from xfusion_serve.checkpoint import load_checkpoint
+from xfusion_serve.evaluate import InProcess, generation_accuracy, report
+from xfusion_serve.server import DEFAULT_CHECKPOINT
+
+TUNING_SEED = 4242
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[20])
+    p.add_argument("--images", type=int, default=300)
+    args = p.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    for steps in args.steps:
+        for g in args.guidance:
+            acc = generation_accuracy(InProcess(ckpt, steps=steps, guidance_scale=g).generate, args.images,
+                                      seed=TUNING_SEED)
+            print(report(f"steps {steps:3d} guidance {g:4.2f}", acc), flush=True)
+
+
+if __name__ == "__main__":
+    main()
