@@ -1,8 +1,8 @@
 """Load generator: a mix of chat, caption and image requests at a set concurrency for a set time, against a
 running server (not a test: it prints figures).
 
-    xfusion-serve serve &                      # the embedded default, on 127.0.0.1:8000
-    python benchmarks/load.py --concurrency 32 --duration 300 --check 200
+    python benchmarks/load.py --serve --concurrency 32 --duration 300 --check 200   # starts its own server
+    python benchmarks/load.py --url http://host:8000 ...                             # or load a running one
 
 Prints throughput, latency percentiles (p50/p95/p99) per kind, time to first token (streamed chat), errors
 by status, and the server's memory (resident set, from /metrics) at start, peak and end, with KV-cache use.
@@ -19,7 +19,11 @@ import base64
 import io
 import json
 import random
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -203,6 +207,23 @@ async def check(client: httpx.AsyncClient, records: list[Record], args) -> None:
     print(f"  mixed-up responses: {mixed} of {len(picked)} checked against the same request run alone")
 
 
+def start_server(port: int) -> subprocess.Popen:
+    """`xfusion-serve serve` on the embedded default, as a user starts it; -> once /ready answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--port", str(port)],
+                            env=os.environ | {"XFUSION_MAX_QUEUE": "1024"})
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not get ready in 5 minutes")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -215,7 +236,19 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between /metrics samples")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    asyncio.run(run(p.parse_args()))
+    p.add_argument("--serve", action="store_true", help="start `xfusion-serve serve` (embedded default) on --port")
+    p.add_argument("--port", type=int, default=8765)
+    args = p.parse_args()
+    server = None
+    if args.serve:
+        server = start_server(args.port)
+        args.url = f"http://127.0.0.1:{args.port}"
+    try:
+        asyncio.run(run(args))
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            print(f"server exit code after SIGTERM: {server.wait(60)}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,33 @@ def test_image_latents_same_alone_batched_and_uncached(random_checkpoint_dir):
     assert_all_free(engine)
 
 
+def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
+    """`compile_decode` (CUDA graphs on GPU) on the CPU: fixed shapes, a batch of 3 padded to 4 whose padded
+    row writes to the scratch slot, then a batch of 1; the tokens are the eager engine's."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    eager = run_text(make_engine(random_checkpoint_dir), PROMPTS[:3], params)
+    compiled = make_engine(random_checkpoint_dir, compile_decode=True)
+    assert run_text(compiled, PROMPTS[:3], params) == eager
+    assert run_text(compiled, PROMPTS[:1], params) == eager[:1]
+    assert_all_free(compiled)
+
+
+def test_a_request_on_blocks_another_freed_never_sees_its_prompt(random_checkpoint_dir):
+    """Prompt K/V are gathered from the pool once per batch of requests and kept across steps; a later
+    request reuses freed blocks for a different prompt of the same length, so they must not outlive it."""
+    per_block = KVPool.bytes_per_block(layers=2, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    engine = make_engine(random_checkpoint_dir, kv_cache_memory=int(3 * per_block / 0.25))
+    assert engine.runner.pools["vision"].blocks.num_blocks == 3  # the pinned empty prompt, then one prompt
+    reqs = []
+    for text, seed in (("a red circle at the top", 1), ("a blue square at the left", 2)):
+        reqs.append(engine.requests[engine.add_image(text, seed=seed, steps=3, guidance_scale=2.0)])
+        engine.run([reqs[-1].id])
+    assert reqs[0].prompt != reqs[1].prompt and len(reqs[0].prompt) == len(reqs[1].prompt)
+    expected = sample_images_uncached(engine.ckpt.model, engine.tokenizer, ["a blue square at the left"], [2], 3,
+                                      2.0, 1.0, 16, 16)
+    assert (reqs[1].latents - expected).abs().max() < 1e-4
+
+
 def test_seeded_sampling_is_the_same_alone_or_batched(random_checkpoint_dir):
     engine = make_engine(random_checkpoint_dir)
     params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234, ignore_eos=True)
@@ -117,6 +144,30 @@ def test_seeded_sampling_is_the_same_alone_or_batched(random_checkpoint_dir):
     other_seed = run_text(engine, [PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
     assert alone == batched and len(alone) == 12
     assert alone != other_seed
+
+
+def test_incremental_detokenization_streams_exactly_the_full_decode():
+    """A window of tokens is decoded per step; characters cut between byte-level tokens must wait, and the
+    pieces add up to the whole output's decode."""
+    from transformers import AutoTokenizer
+
+    from xfusion_serve.engine import detokenize
+    from xfusion_serve.scheduler import TextRequest
+    from xfusion_serve.server import DEFAULT_CHECKPOINT
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT / "text_tower")
+    for text in ("a small red circle at the top left.", "café ☕ 日本語 — naïve", "There are circles, squares"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        req = TextRequest(prefix=[], params=SamplingParams(), stop_ids=set())
+        pieces = []
+        for token in ids:
+            req.output.append(token)
+            before = req.decoded
+            pieces.append(detokenize(tok, req)[len(before):])
+            assert "\ufffd" not in req.decoded
+        assert "".join(pieces) == tok.decode(ids) == text
+    cut = [i for i in tok("☕ 日本語", add_special_tokens=False).input_ids if "\ufffd" in tok.decode([i])]
+    assert cut  # the byte-level tokenizer does cut these characters: the waiting above was exercised
 
 
 def test_extreme_sampling_settings_still_give_the_greedy_token():

@@ -35,23 +35,29 @@ class TorchBackend:
 
     @staticmethod
     def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """[blocks, bs, H, d] by tables [B, M] -> [B, H, M*bs, d]."""
-        g = cache[block_tables.clamp(min=0)]
+        """[blocks, bs, H, d] by tables [B, M] (padded with block 0, masked) -> [B, H, M*bs, d]."""
+        g = cache[block_tables]
         return g.reshape(g.shape[0], -1, *g.shape[3:]).transpose(1, 2)
 
-    def decode(self, q, k_cache, v_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d]."""
-        k, v = self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
-        mask = (torch.arange(k.shape[2], device=q.device) < seq_lens[:, None])[:, None, None]
+    def prepare_decode(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+        """What every layer of one decode step shares, built once per step."""
+        seen = torch.arange(block_tables.shape[1] * block_size, device=seq_lens.device) < seq_lens[:, None]
+        return block_tables, seen[:, None, None]
+
+    def decode(self, q, kv_cache, meta) -> torch.Tensor:
+        """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d].
+        kv_cache: one layer's [2, blocks, bs, Hkv, d], keys and values gathered in one indexing."""
+        block_tables, mask = meta
+        k, v = kv_cache[:, block_tables].flatten(2, 3).transpose(2, 3)  # [B, Hkv, M*bs, d] each
         return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
-    def prefix(self, q, k, v, k_cache, v_cache, block_tables: torch.Tensor, prefix_lens: torch.Tensor):
-        """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prefix and all N of its own tokens."""
-        kp, vp = self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
-        keys, values = torch.cat([kp, k.transpose(1, 2)], 2), torch.cat([vp, v.transpose(1, 2)], 2)
-        L = kp.shape[2]
-        seen = torch.arange(L + q.shape[1], device=q.device)
-        mask = ((seen < prefix_lens[:, None]) | (seen >= L))[:, None, None]
+    def gather_prompts(self, k_cache, v_cache, block_tables: torch.Tensor):
+        """The cached prompts of a denoising batch, [R, Hkv, L, d] each; they stay the same at every step."""
+        return self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
+
+    def prefix(self, q, k, v, prompt_k, prompt_v, mask: torch.Tensor) -> torch.Tensor:
+        """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prompt and all N of its own tokens."""
+        keys, values = torch.cat([prompt_k, k.transpose(1, 2)], 2), torch.cat([prompt_v, v.transpose(1, 2)], 2)
         return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                               enable_gqa=True).transpose(1, 2)
 
@@ -70,9 +76,11 @@ class TritonBackend(TorchBackend):
         cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
         return self.k.prefill_attention(q, k, v, cu, image_ids.to(torch.int32))
 
-    def decode(self, q, k_cache, v_cache, block_tables, seq_lens):
-        return self.k.paged_decode_attention(q, k_cache, v_cache, block_tables.to(torch.int32),
-                                             seq_lens.to(torch.int32))
+    def prepare_decode(self, block_tables, seq_lens, block_size):
+        return block_tables.to(torch.int32), seq_lens.to(torch.int32)
+
+    def decode(self, q, kv_cache, meta):
+        return self.k.paged_decode_attention(q, kv_cache[0], kv_cache[1], *meta)
 
 
 class FlashAttnBackend(TorchBackend):
@@ -93,9 +101,13 @@ class FlashAttnBackend(TorchBackend):
         longest = max(e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         return self.varlen(q, k, v, cu, cu, longest, longest, causal=True)
 
-    def decode(self, q, k_cache, v_cache, block_tables, seq_lens):
-        return self.with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
-                                 block_table=block_tables.to(torch.int32))[:, 0]
+    def prepare_decode(self, block_tables, seq_lens, block_size):
+        return block_tables.to(torch.int32), seq_lens.to(torch.int32)
+
+    def decode(self, q, kv_cache, meta):
+        block_tables, seq_lens = meta
+        return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], cache_seqlens=seq_lens,
+                                 block_table=block_tables)[:, 0]
 
 
 def make_backend(name: str, device: torch.device) -> TorchBackend:
@@ -139,28 +151,35 @@ class DecodeAttention:
 
     def __init__(self, backend: TorchBackend, pool: KVPool, slots, block_tables, seq_lens):
         self.backend, self.pool, self.slots = backend, pool, slots
-        self.block_tables, self.seq_lens = block_tables, seq_lens
+        self.meta = backend.prepare_decode(block_tables, seq_lens, pool.block_size)
 
     def keeps(self, tower: str) -> bool:
         return tower == "text"
 
     def __call__(self, tower, layer, q, k, v):
         self.pool.write(layer, self.slots, _token_major(k), _token_major(v))
-        k_cache, v_cache = self.pool.layer(layer)
-        return self.backend.decode(_token_major(q), k_cache, v_cache, self.block_tables, self.seq_lens)
+        return self.backend.decode(_token_major(q), self.pool.kv[layer], self.meta)
 
 
 class PrefixAttention:
-    """A denoising step: R rows of N image tokens, each over its cached prompt and its own image."""
+    """Denoising steps: R rows of N image tokens, each over its cached prompt and its own image. The prompts'
+    K/V never change while their requests run, so they are gathered from the pool once and kept for as
+    long as the runner reuses this object (the same batch of requests, step after step)."""
 
     def __init__(self, backend: TorchBackend, pools: dict[str, KVPool], block_tables: dict[str, torch.Tensor],
-                 prefix_lens: torch.Tensor):
-        self.backend, self.pools, self.block_tables, self.prefix_lens = backend, pools, block_tables, prefix_lens
+                 prefix_lens: torch.Tensor, num_tokens: int):
+        self.backend, self.pools, self.block_tables = backend, pools, block_tables
+        self.prompts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        prompt_len = next(iter(block_tables.values())).shape[1] * next(iter(pools.values())).block_size
+        seen = torch.arange(prompt_len + num_tokens, device=prefix_lens.device)
+        self.mask = ((seen < prefix_lens[:, None]) | (seen >= prompt_len))[:, None, None]
 
     def keeps(self, tower: str) -> bool:
         return False
 
     def __call__(self, tower, layer, q, k, v):
-        k_cache, v_cache = self.pools[tower].layer(layer)
-        return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), k_cache, v_cache,
-                                   self.block_tables[tower], self.prefix_lens)
+        if (tower, layer) not in self.prompts:
+            self.prompts[tower, layer] = self.backend.gather_prompts(*self.pools[tower].layer(layer),
+                                                                     self.block_tables[tower])
+        return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), *self.prompts[tower, layer],
+                                   self.mask)

@@ -12,6 +12,18 @@ from collections import deque
 import torch
 
 
+def _write_kv(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    flat = kv[layer].flatten(1, 2)  # [2, blocks * block_size, kv_heads, head_dim]
+    flat[0, slots] = k
+    flat[1, slots] = v
+
+
+# Under torch.compile, an op of its own declared as mutating the pool: the few new slots are then written in
+# place, where a traced index-assignment into a view of the pool copies the whole pool at every step.
+# Eagerly the plain function runs: the op's dispatch costs more than the write itself.
+write_kv_op = torch.library.custom_op("xfusion::write_kv", mutates_args=("kv",))(_write_kv)
+
+
 class OutOfBlocks(RuntimeError):
     pass
 
@@ -61,7 +73,11 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError("the KV cache budget is too small for a single block")
         self.block_size = block_size
-        self.kv = torch.zeros(layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        # One block more than the allocator hands out: padded rows of a fixed-shape (captured) decode step
+        # write their K/V to its first slot, where no request ever reads.
+        self.kv = torch.zeros(layers, 2, num_blocks + 1, block_size, kv_heads, head_dim, dtype=dtype,
+                              device=device)
+        self.scratch_slot = num_blocks * block_size
         self.blocks = BlockAllocator(num_blocks)
 
     @staticmethod
@@ -73,9 +89,7 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, kv_heads, head_dim] into flat slots (block * block_size + offset)."""
-        kc, vc = self.layer(layer)
-        kc.view(-1, *kc.shape[2:])[slots] = k
-        vc.view(-1, *vc.shape[2:])[slots] = v
+        (write_kv_op if torch.compiler.is_compiling() else _write_kv)(self.kv, layer, slots, k, v)
 
     def blocks_needed(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

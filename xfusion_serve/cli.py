@@ -89,7 +89,8 @@ def _serve(args: argparse.Namespace) -> None:
     from .server import ServerConfig, serve
 
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-                          kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size)
+                          kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size,
+                          compile_decode=args.compile_decode)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="MiB for the KV cache of both towers")
     p.add_argument("--block-size", type=int, default=_env("BLOCK_SIZE", 16, int),
                    help="tokens per KV-cache block (flash-attn: 256)")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
+                   default=_env("COMPILE_DECODE", False, lambda v: v.lower() in ("1", "true", "yes")),
+                   help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

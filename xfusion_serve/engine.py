@@ -32,6 +32,17 @@ def is_fatal(err: BaseException) -> bool:
     return isinstance(err, accelerator_error) or "CUDA error" in str(err)
 
 
+def detokenize(tokenizer, req: TextRequest) -> str:
+    """The output's settled text, decoding a window of a few tokens per new token rather than the whole
+    output (as vLLM does): text before prefix_offset is final; a character cut between tokens waits."""
+    before = tokenizer.decode(req.output[req.prefix_offset : req.read_offset], skip_special_tokens=True)
+    window = tokenizer.decode(req.output[req.prefix_offset :], skip_special_tokens=True)
+    if len(window) > len(before) and not window.endswith("\ufffd"):
+        req.decoded += window[len(before):]
+        req.prefix_offset, req.read_offset = req.read_offset, len(req.output)
+    return req.decoded
+
+
 def by_size(reqs: list[ImageRequest]) -> list[list[ImageRequest]]:
     groups: dict[tuple, list[ImageRequest]] = {}
     for r in reqs:
@@ -49,6 +60,8 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 64  # text requests decoding at once
     max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
+    # torch.compile the decode step (CUDA graphs on GPU). Off by default on the CPU: see the README figures.
+    compile_decode: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.vision_cache_fraction < 1.0:
@@ -84,6 +97,8 @@ class Engine:
         c = self.config
         self.runner = ModelRunner(ckpt, backend=c.attention_backend, kv_cache_bytes=c.kv_cache_memory,
                                   vision_cache_fraction=c.vision_cache_fraction, block_size=c.block_size)
+        if c.compile_decode:
+            self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
         self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,
                                    ckpt.model.text_config.max_position_embeddings)
         self.tokenizer = ckpt.tokenizer
@@ -209,7 +224,7 @@ class Engine:
                 sigmas += [sigma] * len(r.seeds)
                 tables += [r.tables[role]] * len(r.seeds)
                 lens += [len(ids) + 1] * len(r.seeds)
-        v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens)
+        v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens, batch=tuple(r.id for r in group))
         start, updated = 0, []
         for r in group:
             n = len(r.seeds)
@@ -266,14 +281,15 @@ class Engine:
         if token in req.stop_ids:  # the stop token itself is not part of the answer
             return [self._finish_text(req, "stop", self.tokenizer.decode(req.output, skip_special_tokens=True))]
         req.output.append(token)
-        text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        text = detokenize(self.tokenizer, req)
         cut = find_stop(text, params.stop)
         if cut >= 0:
             return [self._finish_text(req, "stop", text[:cut], [token])]
         if len(req.output) >= params.max_tokens or req.length >= self.scheduler.max_model_len:
-            return [self._finish_text(req, "length", text, [token])]
-        # Hold back a trailing partial character, and text that may yet become a stop string.
-        safe = len(text.rstrip("\ufffd"))
+            return [self._finish_text(req, "length", self.tokenizer.decode(req.output, skip_special_tokens=True),
+                                      [token])]
+        # Hold back text that may yet become a stop string.
+        safe = len(text)
         for s in params.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if text[:safe].endswith(s[:k]):

@@ -32,10 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, exactly as transformers' LlamaRMSNorm does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32 and cast back before the weight, as transformers' LlamaRMSNorm does (one op
+        # instead of five; tests/test_model.py holds it to transformers' logits).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -59,16 +58,18 @@ class Rotary(nn.Module):
         self.scale = float(scale)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., T] -> cos, sin [..., 1, T, head_dim] (broadcast over heads), sin's first half negated:
+        rotate_half(x) * sin is then x.roll(half) * sin, one op fewer per use, and exactly equal."""
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        sin = emb.sin()
+        sin = torch.cat((-sin[..., : freqs.shape[-1]], sin[..., freqs.shape[-1]:]), dim=-1)
+        return (emb.cos() * self.scale).to(dtype).unsqueeze(-3), (sin * self.scale).to(dtype).unsqueeze(-3)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., heads, T, head_dim]; cos/sin: [..., T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(-3) + rotated * sin.unsqueeze(-3)
+    """x: [..., heads, T, head_dim]; cos/sin from Rotary: x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -333,19 +334,23 @@ class XFusionModel(nn.Module):
         )
 
     # ---- the dual-tower stack ----------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor,
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None,
                 attention: AttentionFn) -> torch.Tensor:
         """Hidden states [..., T, D] (a padded batch or packed tokens) -> final hidden states (pre-norm).
+        image_ids: per token, the image it belongs to or -1 for text; None when every token is text.
 
         Per layer, the text block serves text-token queries and the vision block image-token queries, each
         over keys/values its own weights compute for every token. `attention` decides which tokens a query
         sees and where keys/values are kept (a mask for whole sequences, a paged cache in the engine).
         A tower with no query to serve is skipped unless `attention` keeps its keys/values for later.
         """
-        is_image = image_ids >= 0
-        text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
-        run_text = attention.keeps("text") or bool(text_rows.any())
-        run_vision = attention.keeps("vision") or bool(is_image.any())
+        if image_ids is None:  # text tokens only (a decode step): no modality masks, no host syncs
+            run_text, run_vision = True, False
+        else:
+            is_image = image_ids >= 0
+            text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
+            run_text = attention.keeps("text") or bool(text_rows.any())
+            run_vision = attention.keeps("vision") or bool(is_image.any())
         cos, sin = self.rope(positions, h.dtype)
         vcos, vsin = self.vision_rope(positions, h.dtype) if run_vision else (cos, sin)
         if run_text != run_vision:  # one tower serves every token (decode, a denoising step): no row picking

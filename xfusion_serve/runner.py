@@ -11,6 +11,10 @@ from .checkpoint import Checkpoint
 from .model import Segment, vision_block_config
 
 
+# Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly.
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
 def _head_shape(cfg) -> tuple[int, int]:
     return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -35,13 +39,17 @@ class ModelRunner:
         # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
         # read image tokens as well).
         self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
+        self._prefix: tuple | None = None  # (batch key, PrefixAttention) of the last denoising step
+        self.captured = None  # the compiled decode step, once compile_decode() is called
+        self.table_width = 0
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
     def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """Padded with block 0: past a sequence's length nothing is read unmasked."""
         width = max(map(len, tables))
-        return self._tensor([t + [-1] * (width - len(t)) for t in tables], torch.int32)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
     @torch.no_grad()
     def prefill(self, sequences: list[list[Segment]], block_tables: list[list[int]]) -> torch.Tensor:
@@ -69,12 +77,36 @@ class ModelRunner:
         """One new token per sequence at position length - 1 -> logits [B, V]."""
         pool = self.pools["text"]
         slots = [pool.slots(t, n - 1, n)[0] for t, n in zip(block_tables, lengths)]
-        attn = DecodeAttention(self.backend, pool, self._tensor(slots), self._tables(block_tables),
-                               self._tensor(lengths))
-        h = self.model.text.model.embed_tokens(self._tensor(last_tokens))
-        positions = self._tensor(lengths) - 1
-        h = self.model(h, positions, torch.full_like(positions, -1), attn)
+        B = len(lengths)
+        if self.captured is None or B > DECODE_BATCHES[-1]:
+            # One host-to-device copy for everything per token (a decode step is mostly such overhead).
+            tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
+            return self._decode_step(tokens, seq_lens, slots, positions, self._tables(block_tables))
+        # Fixed shapes, so that a graph captured once per batch size replays: the batch padded to the next
+        # captured size (padded rows write to the scratch slot, their logits are dropped), every table to
+        # the longest a sequence can have (kernels read only up to each sequence's length).
+        pad = next(b for b in DECODE_BATCHES if b >= B) - B
+        tokens, seq_lens, slots, positions = self._tensor([last_tokens + [0] * pad, lengths + [1] * pad,
+                                                           slots + [pool.scratch_slot] * pad,
+                                                           [n - 1 for n in lengths] + [0] * pad])
+        tables = self._tensor([t + [0] * (self.table_width - len(t)) for t in block_tables] +
+                              [[0] * self.table_width] * pad, torch.int32)
+        return self.captured(tokens, seq_lens, slots, positions, tables)[:B]
+
+    def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> torch.Tensor:
+        attn = DecodeAttention(self.backend, self.pools["text"], slots, tables, seq_lens)
+        h = self.model(self.model.text.model.embed_tokens(tokens), positions, None, attn)
         return self.model.text.logits(h)
+
+    def compile_decode(self, max_model_len: int) -> None:
+        """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
+        per batch size of DECODE_BATCHES (captured on first use); on the CPU plain compilation (the same
+        fixed shapes, so that it compiles once per batch size too)."""
+        pool = self.pools["text"]
+        torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
+        self.table_width = pool.blocks_needed(max_model_len)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.captured = torch.compile(self._decode_step, mode=mode, dynamic=False)
 
     @torch.no_grad()
     def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> None:
@@ -93,13 +125,18 @@ class ModelRunner:
 
     @torch.no_grad()
     def velocity(self, latents: torch.Tensor, sigmas: list[float], block_tables: list[dict[str, list[int]]],
-                 prefix_lengths: list[int]) -> torch.Tensor:
-        """Image tokens only, over their cached prompts: latents [R, C, h, w] at noise sigmas -> velocity."""
+                 prefix_lengths: list[int], batch: tuple = ()) -> torch.Tensor:
+        """Image tokens only, over their cached prompts: latents [R, C, h, w] at noise sigmas -> velocity.
+        `batch` names the requests behind the rows: while it stays the same, so do their prompts' K/V (blocks
+        are reused by later requests, so the tables alone do not say that)."""
         tokens = self.model.embed_image(latents.to(self.dtype), self._tensor(sigmas, torch.float32))
         R, N = tokens.shape[:2]
         lens = self._tensor(prefix_lengths)
         positions = lens[:, None] + torch.arange(N, device=self.device)
-        tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
-        h = self.model(tokens, positions, torch.zeros_like(positions), PrefixAttention(self.backend, self.pools,
-                                                                                       tables, lens))
+        key = (batch, tuple(tuple(t[tower]) for t in block_tables for tower in self.prompt_towers),
+               tuple(prefix_lengths), N)
+        if not batch or self._prefix is None or self._prefix[0] != key:  # a new batch: gather its prompts
+            tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
+            self._prefix = key, PrefixAttention(self.backend, self.pools, tables, lens, N)
+        h = self.model(tokens, positions, torch.zeros_like(positions), self._prefix[1])
         return self.model.velocity(h, *latents.shape[-2:]).float()
