@@ -125,16 +125,22 @@ def test_sigterm_drains_running_requests_then_exits(random_checkpoint_dir):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        result = {}
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 150, "ignore_eos": True}
-        worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url + "/v1/chat", json=body,
-                                                                                    timeout=60)))
-        worker.start()
-        time.sleep(0.5)  # the request is running
+        results = {}
+        slow = {"prompt": "a red circle", "steps": 200, "n": 8}  # seconds of work together, even on this model
+        workers = [threading.Thread(target=lambda i=i: results.setdefault(i, httpx.post(
+            url + "/v1/generate-image", json=slow | {"seed": i}, timeout=120))) for i in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)  # they are running
         proc.send_signal(signal.SIGTERM)
-        worker.join(60)
-        assert result["r"].status_code == 200
-        assert result["r"].json()["usage"]["completion_tokens"] == 150  # finished, not cut off
+        time.sleep(0.1)
+        late = httpx.post(url + "/v1/chat", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        assert late.status_code == 503 and late.headers["retry-after"]  # new ones are refused while it drains
+        assert httpx.get(url + "/ready").status_code == 503
+        for w in workers:
+            w.join(120)
+        assert [results[i].status_code for i in range(4)] == [200] * 4  # finished, not cut off
+        assert all(len(results[i].json()["data"]) == 8 for i in range(4))
         assert proc.wait(30) == 0
         with pytest.raises(httpx.HTTPError):  # and nothing is served any more
             httpx.get(url + "/health", timeout=2)

@@ -11,8 +11,10 @@ from .checkpoint import Checkpoint
 from .model import Segment, vision_block_config
 
 
-# Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly.
-DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly. On the CPU compiling
+# pays only while per-op overhead dominates (benchmarks/bench_engine.py --compile-decode: 1.8x the eager
+# step at one request, slower at 16, where the fixed-width tables cost more than the overhead saved).
+DECODE_BATCHES = {"cuda": (1, 2, 4, 8, 16, 32, 64), "cpu": (1, 2, 4)}
 
 
 def _head_shape(cfg) -> tuple[int, int]:
@@ -41,6 +43,7 @@ class ModelRunner:
         self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
         self._prefix: tuple | None = None  # (batch key, PrefixAttention) of the last denoising step
         self.captured = None  # the compiled decode step, once compile_decode() is called
+        self.captured_batches: tuple[int, ...] = ()
         self.table_width = 0
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
@@ -78,14 +81,14 @@ class ModelRunner:
         pool = self.pools["text"]
         slots = [pool.slots(t, n - 1, n)[0] for t, n in zip(block_tables, lengths)]
         B = len(lengths)
-        if self.captured is None or B > DECODE_BATCHES[-1]:
+        if self.captured is None or B > self.captured_batches[-1]:
             # One host-to-device copy for everything per token (a decode step is mostly such overhead).
             tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
             return self._decode_step(tokens, seq_lens, slots, positions, self._tables(block_tables))
         # Fixed shapes, so that a graph captured once per batch size replays: the batch padded to the next
         # captured size (padded rows write to the scratch slot, their logits are dropped), every table to
         # the longest a sequence can have (kernels read only up to each sequence's length).
-        pad = next(b for b in DECODE_BATCHES if b >= B) - B
+        pad = next(b for b in self.captured_batches if b >= B) - B
         tokens, seq_lens, slots, positions = self._tensor([last_tokens + [0] * pad, lengths + [1] * pad,
                                                            slots + [pool.scratch_slot] * pad,
                                                            [n - 1 for n in lengths] + [0] * pad])
@@ -100,13 +103,19 @@ class ModelRunner:
 
     def compile_decode(self, max_model_len: int) -> None:
         """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
-        per batch size of DECODE_BATCHES (captured on first use); on the CPU plain compilation (the same
-        fixed shapes, so that it compiles once per batch size too)."""
+        per batch size of DECODE_BATCHES (captured on first use); on the CPU plain compilation of the same
+        fixed shapes, for the small batches where it pays."""
         pool = self.pools["text"]
         torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
         self.table_width = pool.blocks_needed(max_model_len)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.captured = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        self.captured_batches = DECODE_BATCHES["cuda" if self.device.type == "cuda" else "cpu"]
+        with torch.no_grad():  # compile (capture) every size now, not on a request's time: rows of padding only
+            for b in self.captured_batches:
+                ones = self._tensor([1] * b)
+                self.captured(ones * 0, ones, ones * pool.scratch_slot, ones * 0,
+                              self._tensor([[0] * self.table_width] * b, torch.int32))
 
     @torch.no_grad()
     def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import signal
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -83,6 +84,7 @@ class ServerState:
         self.default_steps = engine.ckpt.config.sampler.steps
         self.vae = engine.ckpt.vae
         warm_up(engine)
+        self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
         self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
         self.ready = True
@@ -180,13 +182,27 @@ def serve(config: ServerConfig) -> None:
     app = create_app(config)
 
     class DrainingServer(uvicorn.Server):
+        """SIGTERM drains: the server stays up, answering 503 to new requests (and /ready) while the running
+        ones finish, for at most drain_timeout; then uvicorn stops and the process exits 0. A second signal
+        (or Ctrl-C) stops at once, uvicorn's own way."""
+
         def handle_exit(self, sig, frame):
-            # SIGTERM: not ready (and 503 to new requests on open connections) while running ones drain;
-            # uvicorn stops accepting, waits up to drain_timeout, then the lifespan stops the engine.
-            app.state.server.ready = False
+            state = app.state.server
+            if sig != signal.SIGTERM or not state.ready:
+                return super().handle_exit(sig, frame)
+            state.ready = False
+            threading.Thread(target=self._drain, args=(sig, frame), name="xfusion-drain", daemon=True).start()
+
+        def _drain(self, sig, frame) -> None:
+            state, deadline = app.state.server, time.monotonic() + config.drain_timeout
+            while time.monotonic() < deadline and state.engine is not None and state.engine.alive:
+                running, waiting = state.engine.load()
+                if running + waiting + state.admitting == 0:
+                    break
+                time.sleep(0.05)
             super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:  # a drained shutdown is a clean exit (0), not death by the signal
-                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+            # a drained shutdown is a clean exit (0), not death by the signal
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                   timeout_graceful_shutdown=config.drain_timeout)).run()
