@@ -41,7 +41,7 @@ class ModelRunner:
         # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
         # read image tokens as well).
         self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
-        self._prefix: tuple | None = None  # (batch key, PrefixAttention) of the last denoising step
+        self._prefix: tuple | None = None  # (request ids, PrefixAttention) of the last denoising step
         self.captured = None  # the compiled decode step, once compile_decode() is called
         self.captured_batches: tuple[int, ...] = ()
         self.table_width = 0
@@ -103,8 +103,8 @@ class ModelRunner:
 
     def compile_decode(self, max_model_len: int) -> None:
         """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
-        per batch size of DECODE_BATCHES (captured on first use); on the CPU plain compilation of the same
-        fixed shapes, for the small batches where it pays."""
+        per batch size of DECODE_BATCHES, captured here; on the CPU plain compilation of the same fixed
+        shapes, for the small batches where it pays."""
         pool = self.pools["text"]
         torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
         self.table_width = pool.blocks_needed(max_model_len)
@@ -136,16 +136,15 @@ class ModelRunner:
     def velocity(self, latents: torch.Tensor, sigmas: list[float], block_tables: list[dict[str, list[int]]],
                  prefix_lengths: list[int], batch: tuple = ()) -> torch.Tensor:
         """Image tokens only, over their cached prompts: latents [R, C, h, w] at noise sigmas -> velocity.
-        `batch` names the requests behind the rows: while it stays the same, so do their prompts' K/V (blocks
-        are reused by later requests, so the tables alone do not say that)."""
+        `batch` names the requests behind the rows (their tables, prompts and image size are fixed for life):
+        while it stays the same, so do the prompts' K/V, gathered once. Blocks are reused by later requests,
+        so equal tables alone would not say that."""
         tokens = self.model.embed_image(latents.to(self.dtype), self._tensor(sigmas, torch.float32))
         R, N = tokens.shape[:2]
         lens = self._tensor(prefix_lengths)
         positions = lens[:, None] + torch.arange(N, device=self.device)
-        key = (batch, tuple(tuple(t[tower]) for t in block_tables for tower in self.prompt_towers),
-               tuple(prefix_lengths), N)
-        if not batch or self._prefix is None or self._prefix[0] != key:  # a new batch: gather its prompts
+        if not batch or self._prefix is None or self._prefix[0] != batch:  # a new batch: gather its prompts
             tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
-            self._prefix = key, PrefixAttention(self.backend, self.pools, tables, lens, N)
+            self._prefix = batch, PrefixAttention(self.backend, self.pools, tables, lens, N)
         h = self.model(tokens, positions, torch.zeros_like(positions), self._prefix[1])
         return self.model.velocity(h, *latents.shape[-2:]).float()
