@@ -209,8 +209,10 @@ async def check(client: httpx.AsyncClient, records: list[Record], args) -> None:
 
 def start_server(port: int) -> subprocess.Popen:
     """`xfusion-serve serve` on the embedded default, as a user starts it; -> once /ready answers."""
+    log = open(f"load-server-{port}.log", "w")  # its access log would drown the figures
+    print(f"server log: {log.name}")
     proc = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--port", str(port)],
-                            env=os.environ | {"XFUSION_MAX_QUEUE": "1024"})
+                            env=os.environ | {"XFUSION_MAX_QUEUE": "1024"}, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
