@@ -3,7 +3,8 @@
     python benchmarks/probe_shapes.py [--checkpoint DIR]
 
 1. Is circle-vs-square in the VAE latents? A linear probe (logistic regression) on flattened latents.
-2. Does the caption path use it? The text tower's probabilities of " circle" and " square" after
+2. Can the frozen text tower say it? The distance between its output embeddings of the shape words.
+3. Does the caption path use it? The text tower's probabilities of " circle" and " square" after
    "a {size} {color}" for circle and square images.
 """
 
@@ -45,6 +46,15 @@ def main() -> None:
         opt.step()
     acc = ((z[train:] @ w_ + b > 0).float() == y[train:]).float().mean()
     print(f"linear probe, circle vs square on VAE latents: held-out accuracy {acc:.1%} ({len(y)} images)")
+
+    # 3. Can the frozen text tower say it? Its output embeddings of the shape words (colours for scale):
+    # words it never had to tell apart in its own text end up near-identical, and then no image can help.
+    out = model.text.lm_head.weight if not model.text.tied else model.text.model.embed_tokens.weight
+    emb = {w: out[tok(" " + w, add_special_tokens=False).input_ids[0]] for w in ("circle", "square", "triangle",
+                                                                                  "red", "blue")}
+    print("text tower output embeddings, L2 distance: " + ", ".join(
+        f"{a}-{b} {(emb[a] - emb[b]).norm():.3f}" for a, b in (("circle", "square"), ("circle", "triangle"),
+                                                                ("square", "triangle"), ("red", "blue"))))
 
     ids = {name: tok(" " + name, add_special_tokens=False).input_ids[0] for name in ("circle", "square")}
     probs = {"circle": [], "square": []}
