@@ -27,7 +27,7 @@ def main() -> None:
         for g in args.guidance:
             acc = generation_accuracy(InProcess(ckpt, steps=steps, guidance_scale=g).generate, args.images,
                                       seed=TUNING_SEED)
-            print(report(f"steps {steps:3d} guidance {g:4.2f}", acc), flush=True)
+            print(report(f"steps {steps:3d} guidance {g:4.2f} ", acc), flush=True)
 
 
 if __name__ == "__main__":
