@@ -136,6 +136,23 @@ def test_a_request_on_blocks_another_freed_never_sees_its_prompt(random_checkpoi
     assert (reqs[1].latents - expected).abs().max() < 1e-4
 
 
+def test_a_failed_prompt_prefill_fails_every_request_sharing_it_and_frees_its_blocks(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+
+    def broken(phase, reqs):
+        if phase == "prompts":
+            raise RuntimeError("injected")
+
+    engine.fault_hook = broken
+    ids = [engine.add_image("a red circle", seed=s, steps=2) for s in (1, 2)]  # share the prompt's blocks
+    done = engine.run(ids)
+    assert [done[i].finish_reason for i in ids] == ["error", "error"] and "injected" in done[ids[0]].error
+    assert not engine.scheduler.pinned  # the empty prompt's K/V never landed: it is not kept
+    assert_all_free(engine)
+    engine.fault_hook = None
+    assert len(engine.generate_images(["a red circle"], seeds=[1], steps=2)) == 1
+
+
 def test_seeded_sampling_is_the_same_alone_or_batched(random_checkpoint_dir):
     engine = make_engine(random_checkpoint_dir)
     params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234, ignore_eos=True)

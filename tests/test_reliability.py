@@ -9,6 +9,7 @@ import io
 import re
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -81,11 +82,10 @@ def free_blocks(engine) -> dict[str, int]:
 
 
 def wait_for(predicate, timeout: float = 20.0) -> bool:
-    done = threading.Event()
     for _ in range(int(timeout / 0.02)):
         if predicate():
             return True
-        done.wait(0.02)
+        time.sleep(0.02)
     return predicate()
 
 

@@ -34,10 +34,11 @@ class TorchBackend:
         return out
 
     @staticmethod
-    def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """[blocks, bs, H, d] by tables [B, M] (padded with block 0, masked) -> [B, H, M*bs, d]."""
-        g = cache[block_tables]
-        return g.reshape(g.shape[0], -1, *g.shape[3:]).transpose(1, 2)
+    def gather(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's [2, blocks, bs, Hkv, d] by tables [B, M] (padded with block 0, masked), keys and values
+        in one indexing -> k, v [B, Hkv, M*bs, d]."""
+        k, v = kv_cache[:, block_tables].flatten(2, 3).transpose(2, 3)
+        return k, v
 
     def prepare_decode(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
         """What every layer of one decode step shares, built once per step."""
@@ -48,12 +49,8 @@ class TorchBackend:
         """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d].
         kv_cache: one layer's [2, blocks, bs, Hkv, d], keys and values gathered in one indexing."""
         block_tables, mask = meta
-        k, v = kv_cache[:, block_tables].flatten(2, 3).transpose(2, 3)  # [B, Hkv, M*bs, d] each
+        k, v = self.gather(kv_cache, block_tables)
         return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
-
-    def gather_prompts(self, k_cache, v_cache, block_tables: torch.Tensor):
-        """The cached prompts of a denoising batch, [R, Hkv, L, d] each; they stay the same at every step."""
-        return self._gather(k_cache, block_tables), self._gather(v_cache, block_tables)
 
     def prefix(self, q, k, v, prompt_k, prompt_v, mask: torch.Tensor) -> torch.Tensor:
         """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prompt and all N of its own tokens."""
@@ -179,7 +176,7 @@ class PrefixAttention:
 
     def __call__(self, tower, layer, q, k, v):
         if (tower, layer) not in self.prompts:
-            self.prompts[tower, layer] = self.backend.gather_prompts(*self.pools[tower].layer(layer),
-                                                                     self.block_tables[tower])
+            self.prompts[tower, layer] = self.backend.gather(self.pools[tower].kv[layer],
+                                                             self.block_tables[tower])
         return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), *self.prompts[tower, layer],
                                    self.mask)

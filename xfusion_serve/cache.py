@@ -66,7 +66,7 @@ class BlockAllocator:
 
 
 class KVPool:
-    """keys/values of one tower: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+    """keys/values of one tower: [layers, 2, num_blocks + 1 (a scratch block), block_size, kv_heads, head_dim]."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -83,9 +83,6 @@ class KVPool:
     @staticmethod
     def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         return layers * 2 * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[i, 0], self.kv[i, 1]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, kv_heads, head_dim] into flat slots (block * block_size + offset)."""

@@ -195,8 +195,7 @@ class Engine:
             fresh = {tuple(r.prompt_ids(role)) for r, role in plan.prompts}
             users = [r for r in plan.denoise if any(tuple(r.prompt_ids(role)) in fresh for role in r.tables)]
             if self._batch(out, "prompts", users, lambda: self.runner.prefill_prompts(
-                    [r.prompt_ids(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])
-                    or True):
+                    [r.prompt_ids(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])):
                 self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
         failed = {id(r) for reqs, _ in out["failed"] for r in reqs}
         plan.denoise = [r for r in plan.denoise if id(r) not in failed]

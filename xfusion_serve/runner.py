@@ -49,9 +49,10 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
-    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
-        """Padded with block 0: past a sequence's length nothing is read unmasked."""
-        width = max(map(len, tables))
+    def _tables(self, tables: list[list[int]], width: int = 0) -> torch.Tensor:
+        """Padded with block 0 to `width` (default: the longest): past a sequence's length nothing is read
+        unmasked."""
+        width = width or max(map(len, tables))
         return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
     @torch.no_grad()
@@ -92,9 +93,8 @@ class ModelRunner:
         tokens, seq_lens, slots, positions = self._tensor([last_tokens + [0] * pad, lengths + [1] * pad,
                                                            slots + [pool.scratch_slot] * pad,
                                                            [n - 1 for n in lengths] + [0] * pad])
-        tables = self._tensor([t + [0] * (self.table_width - len(t)) for t in block_tables] +
-                              [[0] * self.table_width] * pad, torch.int32)
-        return self.captured(tokens, seq_lens, slots, positions, tables)[:B]
+        return self.captured(tokens, seq_lens, slots, positions,
+                             self._tables(block_tables + [[]] * pad, self.table_width))[:B]
 
     def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> torch.Tensor:
         attn = DecodeAttention(self.backend, self.pools["text"], slots, tables, seq_lens)
@@ -115,11 +115,12 @@ class ModelRunner:
             for b in self.captured_batches:
                 ones = self._tensor([1] * b)
                 self.captured(ones * 0, ones, ones * pool.scratch_slot, ones * 0,
-                              self._tensor([[0] * self.table_width] * b, torch.int32))
+                              self._tables([[]] * b, self.table_width))
 
     @torch.no_grad()
-    def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> None:
-        """Image prompts (text, then the begin-of-image embedding): only their K/V are kept, for every step."""
+    def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> int:
+        """Image prompts (text, then the begin-of-image embedding): only their K/V are kept, for every step.
+        -> how many were prefilled."""
         embed = self.model.text.model.embed_tokens
         embeds = [torch.cat([embed(self._tensor(ids)), self.model.vision.boi[None]]) for ids in prompts]
         lengths = [len(e) for e in embeds]
@@ -131,6 +132,7 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         ids = torch.full_like(positions, -1)
         self.model(torch.cat(embeds), positions, ids, PrefillAttention(self.backend, self.pools, slots, cu, ids))
+        return len(prompts)
 
     @torch.no_grad()
     def velocity(self, latents: torch.Tensor, sigmas: list[float], block_tables: list[dict[str, list[int]]],
