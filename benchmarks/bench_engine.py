@@ -1,6 +1,6 @@
 """Engine throughput against its baselines, on the same weights in one run (not a test: it prints figures).
 
-    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20] [--compile-decode]
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20] [--compile-decode] [--compile-denoise]
 
 Every figure is the best of three runs.
 
@@ -96,14 +96,20 @@ def main() -> None:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--compile-decode", action="store_true", help="torch.compile the engine's decode step")
+    for step in ("decode", "denoise"):
+        p.add_argument(f"--compile-{step}", action=argparse.BooleanOptionalAction,
+                       help=f"torch.compile the engine's {step} step (default: on CUDA only, as the server)")
     args = p.parse_args()
-    engine = Engine.from_checkpoint(args.checkpoint, EngineConfig(compile_decode=args.compile_decode))
-    model, tok = engine.ckpt.model, engine.tokenizer
+    start = time.perf_counter()
+    engine = Engine.from_checkpoint(args.checkpoint, EngineConfig(compile_decode=args.compile_decode,
+                                                                    compile_denoise=args.compile_denoise))
+    startup = time.perf_counter() - start
+    model, tok, config = engine.ckpt.model, engine.tokenizer, engine.config
     hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=torch.float32).eval()
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     print(f"checkpoint {args.checkpoint}  torch threads {torch.get_num_threads()}  "
-          f"compile_decode {args.compile_decode}")
+          f"compile_decode {config.compile_decode}  compile_denoise {config.compile_denoise}  "
+          f"engine start-up {startup:.1f} s (compiling included)")
     engine.complete(["warm up"], SamplingParams(max_tokens=4))
 
     print(f"\nchat, {args.tokens} new tokens per request (tok/s)")

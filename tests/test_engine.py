@@ -67,9 +67,14 @@ def test_caption_tokens_equal_uncached(random_checkpoint_dir):
     assert_all_free(engine)
 
 
-def test_cached_denoising_velocity_equals_full_sequence(random_checkpoint_dir):
-    engine = make_engine(random_checkpoint_dir)
+@pytest.mark.parametrize("fixture", ["random_checkpoint_dir", "xfuse_checkpoint_dir"])
+def test_cached_denoising_velocity_equals_full_sequence(fixture, request):
+    engine = make_engine(request.getfixturevalue(fixture))
     model, tok = engine.ckpt.model, engine.tokenizer
+    if model.config.xfuse:  # image tokens then take both towers' outputs: make the text tower's count
+        with torch.no_grad():
+            model.vision.xfuse_alpha.fill_(0.6)
+            model.vision.xfuse_beta.fill_(0.7)
     prompt = prompts.generation_prompt(tok, "a small red circle")
     table = {t: engine.runner.pools[t].blocks.allocate(4) for t in engine.runner.prompt_towers}
     engine.runner.prefill_prompts([prompt], [table])
@@ -82,31 +87,47 @@ def test_cached_denoising_velocity_equals_full_sequence(random_checkpoint_dir):
     torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
 
 
+def final_latents(engine: Engine, request_kwargs: list[dict]) -> list[torch.Tensor]:
+    """Adds every image request at once, steps the engine until all are done -> each one's final latents."""
+    reqs = [engine.requests[engine.add_image(**kw)] for kw in request_kwargs]
+    finals = {}
+    while len(finals) < len(reqs):
+        engine.step()
+        for r in reqs:
+            if r.step == r.steps and r.id not in finals:
+                finals[r.id] = r.latents.clone()
+    return [finals[r.id] for r in reqs]
+
+
+TARGET = {"prompt": "a large blue square", "seed": 11, "steps": 4, "guidance_scale": 2.5}
+# Different step counts, n, guidance (1.0: no unconditional rows), negative prompts and image sizes.
+OTHERS = [{"prompt": "a red circle at the top left of it all", "seed": 1, "steps": 6, "n": 2},
+          {"prompt": "", "seed": 2, "steps": 2, "guidance_scale": 1.0},
+          {"prompt": "triangle", "negative_prompt": "blue", "seed": 3, "steps": 3},
+          {"prompt": "a wide one", "seed": 4, "steps": 3, "size": (8, 16)}]
+
+
 def test_image_latents_same_alone_batched_and_uncached(random_checkpoint_dir):
     engine = make_engine(random_checkpoint_dir)
-    model = engine.ckpt.model
-
-    def latents_of(request_kwargs: list[dict]) -> list[torch.Tensor]:
-        reqs = [engine.requests[engine.add_image(**kw)] for kw in request_kwargs]
-        finals = {}
-        while len(finals) < len(reqs):
-            for ev in engine.step():
-                pass
-            for r in reqs:
-                if r.step == r.steps and r.id not in finals:
-                    finals[r.id] = r.latents.clone()
-        return [finals[r.id] for r in reqs]
-
-    target = {"prompt": "a large blue square", "seed": 11, "steps": 4, "guidance_scale": 2.5}
-    alone = latents_of([target])[0]
-    others = [{"prompt": "a red circle at the top left of it all", "seed": 1, "steps": 6, "n": 2},
-              {"prompt": "", "seed": 2, "steps": 2, "guidance_scale": 1.0},
-              {"prompt": "triangle", "negative_prompt": "blue", "seed": 3, "steps": 3}]
-    batched = latents_of(others[:1] + [target] + others[1:])[1]
+    alone = final_latents(engine, [TARGET])[0]
+    batched = final_latents(engine, OTHERS[:1] + [TARGET] + OTHERS[1:])[1]
     assert (alone - batched).abs().max() < 1e-4
-    uncached = sample_images_uncached(model, engine.tokenizer, [target["prompt"]], [11], 4, 2.5, 1.0, 16, 16)
+    uncached = sample_images_uncached(engine.ckpt.model, engine.tokenizer, [TARGET["prompt"]], [11], 4, 2.5, 1.0,
+                                      16, 16)
     assert (alone - uncached).abs().max() < 1e-4
     assert_all_free(engine)
+
+
+def test_the_compiled_denoising_step_gives_the_same_latents(random_checkpoint_dir):
+    """`compile_denoise` on the CPU: one graph with dynamic rows and prompt length (and one for a single
+    row), compiled at start-up for both image sizes; the latents are the eager engine's to float rounding."""
+    eager = final_latents(make_engine(random_checkpoint_dir), [TARGET] + OTHERS)
+    compiled = make_engine(random_checkpoint_dir, compile_denoise=True)
+    for got, expected in zip(final_latents(compiled, [TARGET] + OTHERS), eager):
+        assert (got - expected).abs().max() < 1e-4
+    alone = final_latents(compiled, [OTHERS[1]])[0]  # a single row
+    assert (alone - eager[2]).abs().max() < 1e-4
+    assert_all_free(compiled)
 
 
 def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):

@@ -159,24 +159,28 @@ class DecodeAttention:
 
 
 class PrefixAttention:
-    """Denoising steps: R rows of N image tokens, each over its cached prompt and its own image. The prompts'
-    K/V never change while their requests run, so they are gathered from the pool once and kept for as
-    long as the runner reuses this object (the same batch of requests, step after step)."""
+    """Denoising steps: R rows of N image tokens, each over its cached prompt and its own image.
+    prompts: per tower, per layer, every row's prompt keys and values; mask [R, 1, 1, P + N]."""
 
-    def __init__(self, backend: TorchBackend, pools: dict[str, KVPool], block_tables: dict[str, torch.Tensor],
-                 prefix_lens: torch.Tensor, num_tokens: int):
-        self.backend, self.pools, self.block_tables = backend, pools, block_tables
-        self.prompts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, backend: TorchBackend, prompts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                 mask: torch.Tensor):
+        self.backend, self.prompts, self.mask = backend, prompts, mask
+
+    @staticmethod
+    def gather(backend: TorchBackend, pools: dict[str, KVPool], block_tables: dict[str, torch.Tensor],
+               prefix_lens: torch.Tensor, num_tokens: int) -> tuple[dict, torch.Tensor]:
+        """The prompts' K/V out of the pools and the mask, for as long as the same requests denoise together
+        (their prompts never change): prompts [R, Hkv, P, d] per tower and layer, P the tables' width in
+        tokens, and a mask hiding each row's table past its prompt."""
+        prompts = {tower: [backend.gather(kv, tables) for kv in pools[tower].kv]
+                   for tower, tables in block_tables.items()}
         prompt_len = next(iter(block_tables.values())).shape[1] * next(iter(pools.values())).block_size
         seen = torch.arange(prompt_len + num_tokens, device=prefix_lens.device)
-        self.mask = ((seen < prefix_lens[:, None]) | (seen >= prompt_len))[:, None, None]
+        return prompts, ((seen < prefix_lens[:, None]) | (seen >= prompt_len))[:, None, None]
 
     def keeps(self, tower: str) -> bool:
         return False
 
     def __call__(self, tower, layer, q, k, v):
-        if (tower, layer) not in self.prompts:
-            self.prompts[tower, layer] = self.backend.gather(self.pools[tower].kv[layer],
-                                                             self.block_tables[tower])
-        return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), *self.prompts[tower, layer],
+        return self.backend.prefix(_token_major(q), _token_major(k), _token_major(v), *self.prompts[tower][layer],
                                    self.mask)

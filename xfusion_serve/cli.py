@@ -84,13 +84,21 @@ def _env(name: str, default, kind=str):
     return default if value is None else kind(value)
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from .engine import EngineConfig
     from .server import ServerConfig, serve
 
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
                           kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size,
-                          compile_decode=args.compile_decode)
+                          compile_decode=args.compile_decode, compile_denoise=args.compile_denoise)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
@@ -133,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=_env("BLOCK_SIZE", 16, int),
                    help="tokens per KV-cache block (flash-attn: 256)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
-                   default=_env("COMPILE_DECODE", False, lambda v: v.lower() in ("1", "true", "yes")),
-                   help="torch.compile the decode step (CUDA graphs on GPU)")
+                   default=_env("COMPILE_DECODE", None, _flag),
+                   help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on CUDA only)")
+    p.add_argument("--compile-denoise", action=argparse.BooleanOptionalAction,
+                   default=_env("COMPILE_DENOISE", None, _flag),
+                   help="torch.compile the denoising step at start-up, CUDA graphs on GPU (default: on CUDA only)")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

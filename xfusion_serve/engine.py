@@ -60,10 +60,15 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 64  # text requests decoding at once
     max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
-    # torch.compile the decode step (CUDA graphs on GPU). Off by default on the CPU: see the README figures.
-    compile_decode: bool = False
+    # torch.compile the decode and the denoising step at start-up, as CUDA graphs on GPU. None: on CUDA only;
+    # on the CPU they pay at small batches but cost start-up time (see the README figures).
+    compile_decode: bool | None = None
+    compile_denoise: bool | None = None
 
     def __post_init__(self):
+        on_cuda = self.device.startswith("cuda")
+        self.compile_decode = on_cuda if self.compile_decode is None else self.compile_decode
+        self.compile_denoise = on_cuda if self.compile_denoise is None else self.compile_denoise
         if not 0.0 < self.vision_cache_fraction < 1.0:
             raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
         if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:
@@ -99,6 +104,8 @@ class Engine:
                                   vision_cache_fraction=c.vision_cache_fraction, block_size=c.block_size)
         if c.compile_decode:
             self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
+        if c.compile_denoise:
+            self.runner.compile_denoise()
         self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,
                                    ckpt.model.text_config.max_position_embeddings)
         self.tokenizer = ckpt.tokenizer

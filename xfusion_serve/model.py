@@ -159,11 +159,16 @@ def vision_block_config(text_cfg: LlamaConfig, cfg: XFusionConfig) -> LlamaConfi
     return vcfg
 
 
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1], scaled to the 0..1000 range diffusion models are built for."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs
+def timestep_frequencies(dim: int) -> torch.Tensor:
+    steps = torch.arange(dim // 2, dtype=torch.float32, device="cpu")  # real values even under a meta device
+    return torch.exp(-math.log(10000.0) * steps / (dim // 2))
+
+
+def timestep_features(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1], scaled to the 0..1000 range diffusion models are built for.
+    freqs from timestep_frequencies, computed once: the arguments reach 1000 radians, where one ulp of a
+    frequency moves a feature by 1e-5, so a compiled step must not recompute them its own way."""
+    args = (t.float() * 1000.0)[:, None] * freqs.to(t.device)
     return torch.cat((args.cos(), args.sin()), dim=-1)
 
 
@@ -183,6 +188,7 @@ class VisionTower(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(cfg.vision_tower.timestep_embedding_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
         )
+        self.time_freqs = timestep_frequencies(cfg.vision_tower.timestep_embedding_dim)  # float32, not a buffer
         self.pos_embed = nn.Parameter(torch.zeros(*grid, hidden))
         self.boi = nn.Parameter(torch.zeros(hidden))
         self.eoi = nn.Parameter(torch.zeros(hidden))
@@ -301,7 +307,7 @@ class XFusionModel(nn.Module):
         v, p = self.vision, self.config.patch_size
         gh, gw = latent.shape[-2] // p, latent.shape[-1] // p
         tokens = v.patch_embed(self.patchify(latent).to(v.patch_embed.weight.dtype))
-        temb = v.time_embed(timestep_features(t, v.time_embed[0].in_features).to(tokens.dtype))
+        temb = v.time_embed(timestep_features(t, v.time_freqs).to(tokens.dtype))
         return tokens + temb[:, None] + v.pos_embed[:gh, :gw].reshape(gh * gw, -1)
 
     def velocity(self, h_image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -334,46 +340,65 @@ class XFusionModel(nn.Module):
         )
 
     # ---- the dual-tower stack ----------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None,
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor,
                 attention: AttentionFn) -> torch.Tensor:
         """Hidden states [..., T, D] (a padded batch or packed tokens) -> final hidden states (pre-norm).
-        image_ids: per token, the image it belongs to or -1 for text; None when every token is text.
+        image_ids: per token, the image it belongs to or -1 for text.
 
         Per layer, the text block serves text-token queries and the vision block image-token queries, each
         over keys/values its own weights compute for every token. `attention` decides which tokens a query
         sees and where keys/values are kept (a mask for whole sequences, a paged cache in the engine).
         A tower with no query to serve is skipped unless `attention` keeps its keys/values for later.
         """
-        if image_ids is None:  # text tokens only (a decode step): no modality masks, no host syncs
-            run_text, run_vision = True, False
-        else:
-            is_image = image_ids >= 0
-            text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
-            run_text = attention.keeps("text") or bool(text_rows.any())
-            run_vision = attention.keeps("vision") or bool(is_image.any())
+        is_image = image_ids >= 0
+        text_rows = torch.ones_like(is_image) if self.config.xfuse else ~is_image
+        run_text = attention.keeps("text") or bool(text_rows.any())
+        run_vision = attention.keeps("vision") or bool(is_image.any())
+        if not run_vision:
+            return self.text_forward(h, positions, attention)
+        if not run_text:
+            return self.image_forward(h, positions, attention)
         cos, sin = self.rope(positions, h.dtype)
-        vcos, vsin = self.vision_rope(positions, h.dtype) if run_vision else (cos, sin)
-        if run_text != run_vision:  # one tower serves every token (decode, a denoising step): no row picking
-            blocks, tower, c, s = ((self.text.model.layers, "text", cos, sin) if run_text
-                                   else (self.vision.layers, "vision", vcos, vsin))
-            for i, block in enumerate(blocks):
-                h = self._tower(block, h, None, c, s, attention, tower, i)
-            return h
+        vcos, vsin = self.vision_rope(positions, h.dtype)
         for i, text_block in enumerate(self.text.model.layers):
             out = h.clone()
-            if run_text:
-                text_out = self._tower(text_block, h, text_rows, cos, sin, attention, "text", i)
-                if text_out is not None:
-                    out[text_rows] = text_out
-            if run_vision:
-                img_out = self._tower(self.vision.layers[i], h, is_image, vcos, vsin, attention, "vision", i)
-                if img_out is not None:
-                    if self.config.xfuse:
-                        a, b = self.vision.xfuse_alpha[i], self.vision.xfuse_beta[i]
-                        img_out = a * img_out + b * out[is_image]
-                    out[is_image] = img_out
+            text_out = self._tower(text_block, h, text_rows, cos, sin, attention, "text", i)
+            if text_out is not None:
+                out[text_rows] = text_out
+            img_out = self._tower(self.vision.layers[i], h, is_image, vcos, vsin, attention, "vision", i)
+            if img_out is not None:
+                if self.config.xfuse:
+                    img_out = self._xfuse(i, img_out, out[is_image])
+                out[is_image] = img_out
             h = out
         return h
+
+    # The two single-modality stacks below look at no token's modality: no masks, no host syncs, so each
+    # compiles into one graph (a decode step, a denoising step).
+    def text_forward(self, h: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """Every token text (a decode step): the text tower alone, exactly the base LLM."""
+        cos, sin = self.rope(positions, h.dtype)
+        for i, block in enumerate(self.text.model.layers):
+            h = self._tower(block, h, None, cos, sin, attention, "text", i)
+        return h
+
+    def image_forward(self, h: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """Every token an image token (a denoising step): the vision tower, mixed with the text tower's
+        output of the same tokens under X-Fuse."""
+        cos, sin = self.vision_rope(positions, h.dtype)
+        if self.config.xfuse:
+            tcos, tsin = self.rope(positions, h.dtype)
+        for i, block in enumerate(self.vision.layers):
+            out = self._tower(block, h, None, cos, sin, attention, "vision", i)
+            if self.config.xfuse:
+                out = self._xfuse(i, out, self._tower(self.text.model.layers[i], h, None, tcos, tsin, attention,
+                                                      "text", i))
+            h = out
+        return h
+
+    def _xfuse(self, layer: int, vision_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
+        """X-Fuse: image tokens take alpha * vision block + beta * text block."""
+        return self.vision.xfuse_alpha[layer] * vision_out + self.vision.xfuse_beta[layer] * text_out
 
     @staticmethod
     def _tower(block: Block, h, rows, cos, sin, attention, tower: str, layer: int) -> torch.Tensor | None:

@@ -44,6 +44,7 @@ class ModelRunner:
         self._prefix: tuple | None = None  # (request ids, PrefixAttention) of the last denoising step
         self.captured = None  # the compiled decode step, once compile_decode() is called
         self.captured_batches: tuple[int, ...] = ()
+        self.captured_denoise = None  # the compiled denoising step, once compile_denoise() is called
         self.table_width = 0
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
@@ -98,7 +99,7 @@ class ModelRunner:
 
     def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> torch.Tensor:
         attn = DecodeAttention(self.backend, self.pools["text"], slots, tables, seq_lens)
-        h = self.model(self.model.text.model.embed_tokens(tokens), positions, None, attn)
+        h = self.model.text_forward(self.model.text.model.embed_tokens(tokens), positions, attn)
         return self.model.text.logits(h)
 
     def compile_decode(self, max_model_len: int) -> None:
@@ -141,12 +142,36 @@ class ModelRunner:
         `batch` names the requests behind the rows (their tables, prompts and image size are fixed for life):
         while it stays the same, so do the prompts' K/V, gathered once. Blocks are reused by later requests,
         so equal tables alone would not say that."""
-        tokens = self.model.embed_image(latents.to(self.dtype), self._tensor(sigmas, torch.float32))
-        R, N = tokens.shape[:2]
-        lens = self._tensor(prefix_lengths)
-        positions = lens[:, None] + torch.arange(N, device=self.device)
+        lens, sigmas = self._tensor(prefix_lengths), self._tensor(sigmas, torch.float32)
         if not batch or self._prefix is None or self._prefix[0] != batch:  # a new batch: gather its prompts
             tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
-            self._prefix = batch, PrefixAttention(self.backend, self.pools, tables, lens, N)
-        h = self.model(tokens, positions, torch.zeros_like(positions), self._prefix[1])
+            num_tokens = latents.shape[-2] * latents.shape[-1] // self.model.config.patch_size ** 2
+            self._prefix = batch, *PrefixAttention.gather(self.backend, self.pools, tables, lens, num_tokens)
+        latents, (prompts, mask) = latents.to(self.device), self._prefix[1:]
+        if self.captured_denoise is None:
+            return self._denoise_step(latents, sigmas, lens, prompts, mask)
+        # Rows and prompt length are dynamic sizes of the one compiled graph (else each new value recompiles).
+        for x, dims in [(latents, (0,)), (sigmas, (0,)), (lens, (0,)), (mask, (0, 3))] + [
+                (x, (0, 2)) for layers in prompts.values() for kv in layers for x in kv]:
+            torch._dynamo.mark_dynamic(x, dims)
+        return self.captured_denoise(latents, sigmas, lens, prompts, mask)
+
+    def _denoise_step(self, latents, sigmas, prefix_lens, prompts, mask) -> torch.Tensor:
+        tokens = self.model.embed_image(latents.to(self.dtype), sigmas)
+        positions = prefix_lens[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.model.image_forward(tokens, positions, PrefixAttention(self.backend, prompts, mask))
         return self.model.velocity(h, *latents.shape[-2:]).float()
+
+    def compile_denoise(self) -> None:
+        """torch.compile the denoising step ("reduce-overhead", i.e. CUDA graphs, on CUDA) with the rows and
+        the prompts' length as dynamic sizes: one graph serves every batch. Compiled here for each image size,
+        for one row and for several (torch specialises a size of 1), so that no request waits for it."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.captured_denoise = torch.compile(self._denoise_step, mode=mode)
+        vae, two_blocks = self.model.vae_info, 2 * self.pools["vision"].block_size
+        for rows in (2, 1):
+            for height, width in self.model.config.image_sizes:
+                latents = torch.zeros(rows, vae.latent_channels, height // vae.downsample, width // vae.downsample)
+                self.velocity(latents, [1.0] * rows, [{tower: [0, 0] for tower in self.prompt_towers}] * rows,
+                              [two_blocks] * rows)
+        self._prefix = None
