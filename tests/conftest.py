@@ -137,3 +137,13 @@ def run_live(checkpoint, config, engine_config=None):
             break
         time.sleep(0.05)
     return server, thread, f"http://127.0.0.1:{port}", engine, app
+
+
+@pytest.fixture(scope="module")
+def app_client():
+    """The app without its lifespan: nothing is loaded, but every route answers (/ready with 503)."""
+    from fastapi.testclient import TestClient
+
+    from xfusion_serve.server import ServerConfig, create_app
+
+    return TestClient(create_app(ServerConfig()))
