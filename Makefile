@@ -34,6 +34,7 @@ slow: install
 # Benchmarks and the load/soak run: prints figures (about 10 minutes), not a test.
 bench: install
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_engine.py --compile-decode --compile-denoise
 	$(PY) benchmarks/load.py --serve --concurrency 32 --duration 300 --check 200 --soak
 
 serve: install

@@ -1,6 +1,7 @@
 """Engine throughput against its baselines, on the same weights in one run (not a test: it prints figures).
 
-    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20] [--compile-decode] [--compile-denoise]
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20]
+        [--compile-decode] [--compile-denoise] [--startup-only]
 
 Every figure is the best of three runs.
 
@@ -99,6 +100,7 @@ def main() -> None:
     for step in ("decode", "denoise"):
         p.add_argument(f"--compile-{step}", action=argparse.BooleanOptionalAction,
                        help=f"torch.compile the engine's {step} step (default: on CUDA only, as the server)")
+    p.add_argument("--startup-only", action="store_true", help="print the engine's start-up time and stop")
     args = p.parse_args()
     start = time.perf_counter()
     engine = Engine.from_checkpoint(args.checkpoint, EngineConfig(compile_decode=args.compile_decode,
@@ -110,6 +112,8 @@ def main() -> None:
     print(f"checkpoint {args.checkpoint}  torch threads {torch.get_num_threads()}  "
           f"compile_decode {config.compile_decode}  compile_denoise {config.compile_denoise}  "
           f"engine start-up {startup:.1f} s (compiling included)")
+    if args.startup_only:
+        return
     engine.complete(["warm up"], SamplingParams(max_tokens=4))
 
     print(f"\nchat, {args.tokens} new tokens per request (tok/s)")
