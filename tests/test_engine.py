@@ -92,7 +92,8 @@ def final_latents(engine: Engine, request_kwargs: list[dict]) -> list[torch.Tens
     reqs = [engine.requests[engine.add_image(**kw)] for kw in request_kwargs]
     finals = {}
     while len(finals) < len(reqs):
-        engine.step()
+        for ev in engine.step():
+            assert ev.finish_reason != "error", ev.error
         for r in reqs:
             if r.step == r.steps and r.id not in finals:
                 finals[r.id] = r.latents.clone()
@@ -123,9 +124,10 @@ def test_the_compiled_denoising_step_gives_the_same_latents(random_checkpoint_di
     row), compiled at start-up for both image sizes; the latents are the eager engine's to float rounding."""
     eager = final_latents(make_engine(random_checkpoint_dir), [TARGET] + OTHERS)
     compiled = make_engine(random_checkpoint_dir, compile_denoise=True)
-    for got, expected in zip(final_latents(compiled, [TARGET] + OTHERS), eager):
-        assert (got - expected).abs().max() < 1e-4
-    alone = final_latents(compiled, [OTHERS[1]])[0]  # a single row
+    with torch._dynamo.config.patch(error_on_recompile=True):  # every shape was compiled at start-up
+        for got, expected in zip(final_latents(compiled, [TARGET] + OTHERS), eager):
+            assert (got - expected).abs().max() < 1e-4
+        alone = final_latents(compiled, [OTHERS[1]])[0]  # a single row
     assert (alone - eager[2]).abs().max() < 1e-4
     assert_all_free(compiled)
 
@@ -136,8 +138,9 @@ def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     eager = run_text(make_engine(random_checkpoint_dir), PROMPTS[:3], params)
     compiled = make_engine(random_checkpoint_dir, compile_decode=True)
-    assert run_text(compiled, PROMPTS[:3], params) == eager
-    assert run_text(compiled, PROMPTS[:1], params) == eager[:1]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # every size was compiled at start-up
+        assert run_text(compiled, PROMPTS[:3], params) == eager
+        assert run_text(compiled, PROMPTS[:1], params) == eager[:1]
     assert_all_free(compiled)
 
 
@@ -277,17 +280,6 @@ def test_stops_and_limits(random_checkpoint_dir):
     done = engine.run([rid])[rid]
     assert done.finish_reason == "stop" and done.text == full[: full.index(word)]
     assert_all_free(engine)
-
-
-def test_triton_backend_agrees_with_torch(random_checkpoint_dir):
-    pytest.importorskip("triton")
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    torch_engine, triton_engine = make_engine(random_checkpoint_dir), make_engine(
-        random_checkpoint_dir, attention_backend="triton")
-    assert run_text(triton_engine, PROMPTS, params) == run_text(torch_engine, PROMPTS, params)
-    image = shape_sample(2, 1)[1]
-    assert triton_engine.caption([image], params=params) == torch_engine.caption([image], params=params)
-    assert_all_free(triton_engine)
 
 
 def test_answers_ending_in_eos_keep_their_text(random_checkpoint_dir):

@@ -43,10 +43,13 @@ class AsyncEngine:
         self.running = False
         self.failure: str | None = None
         self._failing = threading.Lock()  # a request is either refused or queued before the inbox is emptied
+        self._started = threading.Event()
 
     def start(self) -> None:
+        """Starts the engine thread; returns once it can take requests (its CUDA graphs recorded)."""
         self.running = True
         self._thread.start()
+        self._started.wait()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -100,6 +103,10 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         try:
+            try:
+                self.engine.capture_graphs()
+            finally:
+                self._started.set()
             while not self._stop.is_set():
                 self._iteration()
         except BaseException as e:  # noqa: BLE001 - nothing may leave the clients waiting forever

@@ -10,6 +10,8 @@ kernels/xfusion_kernels), "flash-attn" (GPU image only). Every backend agrees wi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,25 @@ class TritonBackend(TorchBackend):
         return self.k.paged_decode_attention(q, kv_cache[0], kv_cache[1], *meta)
 
 
+@functools.cache
+def _flash_decode_op():
+    """flash-attn's paged decode as a torch custom op. flash-attn 2 registers its varlen function with torch
+    but not this one, so torch.compile would break the decode graph (and its CUDA graph) at every layer.
+    The new token's K/V are already in the cache: the op reads its inputs and mutates nothing."""
+    from flash_attn import flash_attn_with_kvcache
+
+    @torch.library.custom_op("xfusion::flash_decode", mutates_args=())
+    def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor) -> torch.Tensor:
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seq_lens, block_table=block_tables)
+
+    @flash_decode.register_fake
+    def _(q, k_cache, v_cache, seq_lens, block_tables):
+        return torch.empty_like(q)
+
+    return flash_decode
+
+
 class FlashAttnBackend(TorchBackend):
     """flash-attn for text-only prefill and paged decode (its paged cache wants blocks of 256 tokens);
     prompts that hold an image need the modality mask, which flash-attn lacks: they use SDPA."""
@@ -87,9 +108,9 @@ class FlashAttnBackend(TorchBackend):
     name = "flash-attn"
 
     def __init__(self):
-        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        from flash_attn import flash_attn_varlen_func
 
-        self.varlen, self.with_kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
+        self.varlen, self.with_kvcache = flash_attn_varlen_func, _flash_decode_op()
 
     def prefill(self, q, k, v, cu_seqlens, image_ids):
         if bool((image_ids >= 0).any()):
@@ -103,8 +124,7 @@ class FlashAttnBackend(TorchBackend):
 
     def decode(self, q, kv_cache, meta):
         block_tables, seq_lens = meta
-        return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], cache_seqlens=seq_lens,
-                                 block_table=block_tables)[:, 0]
+        return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], seq_lens, block_tables)[:, 0]
 
 
 def make_backend(name: str, device: torch.device) -> TorchBackend:

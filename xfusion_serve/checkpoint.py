@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32", devi
     _check_and_assign(model.text, text_tensors, text_dir, torch_dtype, ignore)
     vision_file = path / VISION_TOWER_FILE
     _check_and_assign(model.vision, _read([vision_file]), vision_file, torch_dtype)
-    model.requires_grad_vision_only().eval().to(device)
+    model.requires_grad_vision_only().eval().to(device).tables_to(device)
 
     vae = None
     if load_vae:

@@ -84,7 +84,9 @@ def _env(name: str, default, kind=str):
     return default if value is None else kind(value)
 
 
-def _flag(value: str) -> bool:
+def _flag(value: str) -> bool | None:
+    if not value.strip():  # set but empty: as if unset, the default
+        return None
     if value.lower() in ("1", "true", "yes", "on"):
         return True
     if value.lower() in ("0", "false", "no", "off"):
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on CUDA only)")
     p.add_argument("--compile-denoise", action=argparse.BooleanOptionalAction,
                    default=_env("COMPILE_DENOISE", None, _flag),
-                   help="torch.compile the denoising step at start-up, CUDA graphs on GPU (default: on CUDA only)")
+                   help="torch.compile the denoising step at start-up (default: on CUDA only)")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

@@ -60,8 +60,8 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 64  # text requests decoding at once
     max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
-    # torch.compile the decode and the denoising step at start-up, as CUDA graphs on GPU. None: on CUDA only;
-    # on the CPU they pay at small batches but cost start-up time (see the README figures).
+    # torch.compile the decode step (as CUDA graphs on GPU) and the denoising step at start-up. None: on CUDA
+    # only; on the CPU they pay at small batches but cost start-up time (see the README figures).
     compile_decode: bool | None = None
     compile_denoise: bool | None = None
 
@@ -113,6 +113,12 @@ class Engine:
         # Test-only fault injection: called as fault_hook(phase, requests) before each batch ("prefill",
         # "decode", "prompts", "denoise", "vae") and with ("schedule", []) before scheduling.
         self.fault_hook: Callable[[str, list], None] | None = None
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs belong to the thread that records them: one that steps this engine from a thread of its
+        own (the server) calls this there first. Nothing to do off CUDA or with no compiled decode step."""
+        if self.runner.device.type == "cuda":
+            self.runner.capture_graphs()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":

@@ -287,6 +287,14 @@ class XFusionModel(nn.Module):
         self.rope = Rotary(text_cfg)
         self.vision_rope = Rotary(vision_block_config(text_cfg, cfg))
 
+    def tables_to(self, device: torch.device | str) -> "XFusionModel":
+        """Moves the float32 frequency tables (RoPE's, the timesteps'; plain attributes, so that
+        model.to(dtype) never rounds them) to the device, so that no step copies them there again."""
+        for rope in (self.rope, self.vision_rope):
+            rope.inv_freq = rope.inv_freq.to(device)
+        self.vision.time_freqs = self.vision.time_freqs.to(device)
+        return self
+
     # ---- inputs -------------------------------------------------------------------------------------------
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], row-major over patches."""

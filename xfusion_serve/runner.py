@@ -104,17 +104,25 @@ class ModelRunner:
 
     def compile_decode(self, max_model_len: int) -> None:
         """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
-        per batch size of DECODE_BATCHES, captured here; on the CPU plain compilation of the same fixed
-        shapes, for the small batches where it pays."""
+        per batch size of DECODE_BATCHES; on the CPU plain compilation of the same fixed shapes, for the small
+        batches where it pays. Every size is compiled here, not on a request's time."""
         pool = self.pools["text"]
         torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
         self.table_width = pool.blocks_needed(max_model_len)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.captured = torch.compile(self._decode_step, mode=mode, dynamic=False)
         self.captured_batches = DECODE_BATCHES["cuda" if self.device.type == "cuda" else "cpu"]
-        with torch.no_grad():  # compile (capture) every size now, not on a request's time: rows of padding only
-            for b in self.captured_batches:
-                ones = self._tensor([1] * b)
+        self.capture_graphs()
+
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Runs the compiled decode step at every batch size (rows of padding only). CUDA graphs belong to the
+        thread that records them, at a shape's second run: whoever steps the engine from another thread (the
+        server) calls this there before the first request."""
+        pool = self.pools["text"]
+        for b in self.captured_batches:
+            ones = self._tensor([1] * b)
+            for _ in range(2 if self.device.type == "cuda" else 1):
                 self.captured(ones * 0, ones, ones * pool.scratch_slot, ones * 0,
                               self._tables([[]] * b, self.table_width))
 
@@ -163,11 +171,11 @@ class ModelRunner:
         return self.model.velocity(h, *latents.shape[-2:]).float()
 
     def compile_denoise(self) -> None:
-        """torch.compile the denoising step ("reduce-overhead", i.e. CUDA graphs, on CUDA) with the rows and
-        the prompts' length as dynamic sizes: one graph serves every batch. Compiled here for each image size,
-        for one row and for several (torch specialises a size of 1), so that no request waits for it."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.captured_denoise = torch.compile(self._denoise_step, mode=mode)
+        """torch.compile the denoising step with the rows and the prompts' length as dynamic sizes: one graph
+        serves every batch. Compiled here for each image size, for one row and for several (torch specialises
+        a size of 1), so that no request waits for it. No CUDA graphs: they would be recorded anew for every
+        batch shape, and a denoising step of a real model is long enough for its launches not to matter."""
+        self.captured_denoise = torch.compile(self._denoise_step)
         vae, two_blocks = self.model.vae_info, 2 * self.pools["vision"].block_size
         for rows in (2, 1):
             for height, width in self.model.config.image_sizes:
