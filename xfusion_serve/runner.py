@@ -41,7 +41,7 @@ class ModelRunner:
         # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
         # read image tokens as well).
         self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
-        self._prefix: tuple | None = None  # (request ids, PrefixAttention) of the last denoising step
+        self._prefix: tuple | None = None  # (request ids, prompts' K/V, mask) of the last denoising step
         self.captured = None  # the compiled decode step, once compile_decode() is called
         self.captured_batches: tuple[int, ...] = ()
         self.captured_denoise = None  # the compiled denoising step, once compile_denoise() is called
