@@ -38,6 +38,20 @@ def sse_events(response) -> list:
     return out
 
 
+def fail_decode_call(monkeypatch, runner, n: int, message: str) -> dict:
+    """The runner's n-th decode call raises; -> the call counter {"n": calls so far}."""
+    real, calls = runner.decode, {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "decode", failing)
+    return calls
+
+
 def test_probes(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 200
@@ -128,16 +142,7 @@ def test_a_prompt_longer_than_the_model_is_a_client_error(client):
 
 def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, monkeypatch):
     runner = client.engine.runner
-    real = runner.decode
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("boom")
-        return real(*a, **k)
-
-    monkeypatch.setattr(runner, "decode", flaky)
+    fail_decode_call(monkeypatch, runner, 1, "boom")
     body = {"messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 6, "ignore_eos": True}
     r = client.post("/v1/chat", json=body)
     assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
@@ -237,16 +242,7 @@ def test_streams_send_previews_and_end_failures_with_an_error_event(client, monk
     previews = [e["images"] for e in events if isinstance(e, dict) and e.get("type") == "step"]
     assert len(previews) == 2 and Image.open(io.BytesIO(base64.b64decode(previews[0][0]))).format == "PNG"
 
-    runner = client.engine.runner
-    real, calls = runner.decode, {"n": 0}
-
-    def fails_later(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom mid-stream")
-        return real(*a, **k)
-
-    monkeypatch.setattr(runner, "decode", fails_later)
+    calls = fail_decode_call(monkeypatch, client.engine.runner, 3, "boom mid-stream")
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "ignore_eos": True, "stream": True}
     events = sse_events(client.post("/v1/chat", json=body))
     assert events[-1] == "[DONE]" and "boom mid-stream" in events[-2]["error"]["message"]
