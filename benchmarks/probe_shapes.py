@@ -15,16 +15,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from xfusion_serve import prompts, shapes
-from xfusion_serve.checkpoint import load_checkpoint
-from xfusion_serve.data import encode_images
-from xfusion_serve.model import ImageSegment, pad_sequences, padded_forward
-from xfusion_serve.server import DEFAULT_CHECKPOINT
+from xfusion_serve import EMBEDDED_CHECKPOINT, ImageSegment, load_checkpoint
+from xfusion_serve.demo import shapes
+from xfusion_serve.model import prompts
+from xfusion_serve.model.latents import encode_images
+from xfusion_serve.model.sequence import pad_sequences, padded_forward
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint", default=str(EMBEDDED_CHECKPOINT))
     p.add_argument("--samples", type=int, default=3000)
     args = p.parse_args()
     ckpt = load_checkpoint(args.checkpoint)

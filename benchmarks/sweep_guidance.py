@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from xfusion_serve.checkpoint import load_checkpoint
-from xfusion_serve.evaluate import InProcess, generation_accuracy, report
-from xfusion_serve.server import DEFAULT_CHECKPOINT
+from xfusion_serve import EMBEDDED_CHECKPOINT, load_checkpoint
+from xfusion_serve.demo.evaluate import InProcess, generation_accuracy, report
 
 TUNING_SEED = 4242
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint", default=str(EMBEDDED_CHECKPOINT))
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0])
     p.add_argument("--steps", type=int, nargs="+", default=[20])
     p.add_argument("--images", type=int, default=300)

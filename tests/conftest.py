@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from xfusion_serve.checkpoint import init_checkpoint
+from xfusion_serve import init_checkpoint
 
 WORDS = "a the small large red green blue circle square triangle at top left right center bottom".split()
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<eot>"]
@@ -101,7 +101,8 @@ def set_config(checkpoint: Path, **changes) -> None:
 @pytest.fixture
 def random_checkpoint_dir(checkpoint_dir) -> Path:
     """A checkpoint whose vision tower differs from the text tower and predicts non-zero velocities."""
-    from xfusion_serve.checkpoint import load_checkpoint, save_vision_tower
+    from xfusion_serve import load_checkpoint
+    from xfusion_serve.model.checkpoint import save_vision_tower
 
     model = load_checkpoint(checkpoint_dir, load_vae=False).model
     g = torch.Generator().manual_seed(1)
@@ -123,8 +124,8 @@ def run_live(checkpoint, config, engine_config=None):
     import uvicorn
 
     from xfusion_serve import load_checkpoint
-    from xfusion_serve.engine import Engine, EngineConfig
-    from xfusion_serve.server import create_app
+    from xfusion_serve import Engine, EngineConfig
+    from xfusion_serve.server.app import create_app
 
     engine = Engine(load_checkpoint(checkpoint), engine_config or EngineConfig(block_size=4))
     port = free_port()
@@ -144,6 +145,7 @@ def app_client():
     """The app without its lifespan: nothing is loaded, but every route answers (/ready with 503)."""
     from fastapi.testclient import TestClient
 
-    from xfusion_serve.server import ServerConfig, create_app
+    from xfusion_serve.server.app import create_app
+    from xfusion_serve.server.state import ServerConfig
 
     return TestClient(create_app(ServerConfig()))

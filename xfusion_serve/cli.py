@@ -17,7 +17,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _init(args: argparse.Namespace) -> None:
-    from .checkpoint import init_checkpoint
+    from .model.checkpoint import init_checkpoint
 
     out = init_checkpoint(
         args.text_tower, args.vae, args.out,
@@ -31,7 +31,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     import dataclasses
     import typing
 
-    from .train import TrainConfig
+    from .training.trainer import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -53,24 +53,26 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .train import TrainConfig, train
+    from .demo.data import open_dataset
+    from .training.trainer import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     for name in ("betas", "image_size"):
         values[name] = tuple(values[name]) if values[name] is not None else None
-    out = train(TrainConfig(**values))
+    cfg = TrainConfig(**values)
+    out = train(cfg, open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed))
     print(f"wrote {out}")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .evaluate import OverHTTP, caption_accuracy, evaluate_in_process, generation_accuracy, report
+    from .demo.evaluate import OverHTTP, caption_accuracy, evaluate_in_process, generation_accuracy, report
 
     if args.base_url:
         client = OverHTTP(args.base_url, concurrency=args.concurrency, api_key=args.api_key)
         results = {"captioning": caption_accuracy(client.caption, args.captions),
                    "generation": generation_accuracy(client.generate, args.images)}
     else:
-        from .checkpoint import load_checkpoint
+        from .model.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         results = evaluate_in_process(ckpt, args.captions, args.images, steps=args.steps)
@@ -95,8 +97,9 @@ def _flag(value: str) -> bool | None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from .engine import EngineConfig
-    from .server import ServerConfig, serve
+    from .engine.config import EngineConfig
+    from .server.app import serve
+    from .server.state import ServerConfig
 
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
                           kv_cache_memory=int(args.kv_cache_memory * (1 << 20)), block_size=args.block_size,
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per eval request is noise
-    from .config import CheckpointError
+    from .model.config import CheckpointError
 
     try:
         args.func(args)

@@ -1,1 +1,1 @@
-"""The embedded demo checkpoint's recipe: every piece made by the project's own scripts, on CPU."""
+"""The embedded demo: the shapes world, its datasets, the recipe that builds the checkpoint, its evaluation."""

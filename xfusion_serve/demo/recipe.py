@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import init_checkpoint, load_checkpoint
-from ..config import SamplerDefaults
-from ..evaluate import evaluate_in_process, report
-from ..train import STATE_FILE, TrainConfig, train
+from ..model.checkpoint import init_checkpoint, load_checkpoint
+from ..model.config import SamplerDefaults
+from ..training.trainer import STATE_FILE, TrainConfig, train
+from .data import ShapesDataset
+from .evaluate import evaluate_in_process, report
 from .text import pretrain_llm
 from .vae import train_vae
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                       seed=args.seed, data_seed=args.seed, save_every=1000,
                       instructions=["", "Describe the image.", "What is in this picture?", "What do you see?"])
     t1 = time.time()
-    trained = train(cfg)
+    trained = train(cfg, ShapesDataset(cfg.shapes_size, cfg.data_seed))
     timings["train_s"] = round(time.time() - t1)
 
     (trained / STATE_FILE).unlink()  # optimizer state is for resuming, not for serving

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import shapes
-from ..data import images_to_tensor
+from ..model.latents import images_to_tensor
+from . import shapes
 
 log = logging.getLogger(__name__)
 

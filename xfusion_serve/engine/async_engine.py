@@ -1,0 +1,184 @@
+"""The engine on a thread of its own, for the server: requests go in through a queue, events come back to
+each request's asyncio queue. Cancelling (a client gone, a timeout) frees the request's blocks at the next
+step boundary. A failing batch fails its own requests (the engine sees to that); an exception that escapes
+a step means the engine's state can no longer be trusted: every request ends with an error, the loop stops
+and `failure` says why, so /health fails and the orchestrator restarts the process instead of it hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .engine import Engine
+from .request import Event
+
+log = logging.getLogger(__name__)
+
+
+class StepObserver(Protocol):
+    """What watches the engine from its thread (the server's Prometheus metrics): called after every step with
+    the step's events and the requests they name as they were before it, and for every cancelled request."""
+
+    def observe(self, engine: Engine, events: list[Event], requests: dict[str, object]) -> None: ...
+
+    def aborted(self, req) -> None: ...
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop has stopped for good; the process should be restarted."""
+
+
+@dataclass
+class _Submit:
+    add: Callable[[Engine], str]  # runs on the engine thread, returns the request id
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    ready: asyncio.Future
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: StepObserver | None = None):
+        self.engine, self.metrics = engine, metrics
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancels: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Submit] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xfusion-engine", daemon=True)
+        self.running = False
+        self.failure: str | None = None
+        self._failing = threading.Lock()  # a request is either refused or queued before the inbox is emptied
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        """Starts the engine thread; returns once it can take requests (its CUDA graphs recorded)."""
+        self.running = True
+        self._thread.start()
+        self._started.wait()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self.running = False
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        s = self.engine.scheduler
+        return len(s.text) + len(s.images), len(s.waiting) + self._inbox.qsize()
+
+    async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
+        """Adds a request (on the engine thread) and yields its events until its done event."""
+        loop = asyncio.get_running_loop()
+        sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
+        with self._failing:
+            if self.failure:
+                raise EngineFailed(self.failure)
+            self._inbox.put(sub)
+        request_id = None
+        try:
+            request_id = await sub.ready  # raises what adding raised (bad input)
+            while True:
+                ev = await sub.events.get()
+                yield ev
+                if ev.kind == "done":
+                    return
+        finally:
+            if request_id is None and sub.ready.done() and not sub.ready.cancelled() and not sub.ready.exception():
+                request_id = sub.ready.result()  # left while the request was being added
+            if request_id in self._streams:  # the consumer left early: free what the request holds
+                self._cancels.put(request_id)
+
+    # ---- engine thread -----------------------------------------------------------------------------------
+    def _deliver(self, sub: _Submit, ev: Event) -> None:
+        sub.loop.call_soon_threadsafe(sub.events.put_nowait, ev)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                rid = sub.add(self.engine)
+            except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
+                sub.loop.call_soon_threadsafe(_set_exception, sub.ready, e)
+                continue
+            self._streams[rid] = sub
+            sub.loop.call_soon_threadsafe(_set_result, sub.ready, rid)
+
+    def _loop(self) -> None:
+        try:
+            try:
+                self.engine.capture_graphs()
+            finally:
+                self._started.set()
+            while not self._stop.is_set():
+                self._iteration()
+        except BaseException as e:  # noqa: BLE001 - nothing may leave the clients waiting forever
+            log.exception("engine loop failed; the engine stops")
+            with self._failing:
+                self.failure = f"{type(e).__name__}: {e}"
+                self._fail_all(self.failure)
+
+    def _iteration(self) -> None:
+        self._drain_inbox()
+        while not self._cancels.empty():
+            rid = self._cancels.get_nowait()
+            req = self.engine.requests.get(rid)
+            self._streams.pop(rid, None)
+            try:
+                self.engine.cancel(rid)
+                if self.metrics is not None and req is not None:
+                    self.metrics.aborted(req)
+                    self.metrics.observe(self.engine, [], {})  # gauges must not wait for the next step
+            except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
+                log.exception("cancelling %s failed", rid)
+        if not self.engine.has_work():
+            time.sleep(0.002)
+            return
+        before = dict(self.engine.requests)
+        events = self.engine.step()
+        if self.metrics is not None:
+            try:
+                self.metrics.observe(self.engine, events, before)
+            except Exception:  # noqa: BLE001
+                log.exception("metrics update failed")
+        for ev in events:
+            sub = self._streams.get(ev.request_id)
+            if sub is not None:
+                self._deliver(sub, ev)
+                if ev.kind == "done":
+                    self._streams.pop(ev.request_id, None)
+
+    def _fail_all(self, message: str) -> None:
+        """The engine is gone: every request streaming or still in the inbox ends with an error."""
+        self.running = False
+        for rid, sub in list(self._streams.items()):
+            self._deliver(sub, Event(rid, "done", finish_reason="error", error=f"internal error: {message}",
+                                     error_type="server_error"))
+        self._streams.clear()
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
+
+    @property
+    def alive(self) -> bool:
+        return self.running and self._thread.is_alive()
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

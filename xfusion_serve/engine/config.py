@@ -1,0 +1,33 @@
+"""The engine's configuration: device and precision, attention backend, KV-cache budget, batch limits,
+compilation. Bad values raise ValueError when the config is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "torch"
+    kv_cache_memory: int = 64 << 20  # bytes for both towers' KV pools
+    vision_cache_fraction: float = 0.25  # of kv_cache_memory, for image prompts
+    block_size: int = 16
+    max_running: int = 64  # text requests decoding at once
+    max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
+    # torch.compile the decode step (as CUDA graphs on GPU) and the denoising step at start-up. None: on CUDA
+    # only; on the CPU they pay at small batches but cost start-up time (see the README figures).
+    compile_decode: bool | None = None
+    compile_denoise: bool | None = None
+
+    def __post_init__(self):
+        on_cuda = self.device.startswith("cuda")
+        self.compile_decode = on_cuda if self.compile_decode is None else self.compile_decode
+        self.compile_denoise = on_cuda if self.compile_denoise is None else self.compile_denoise
+        if not 0.0 < self.vision_cache_fraction < 1.0:
+            raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
+        if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:
+            raise ValueError("block_size, max_running and max_image_rows must be positive")
+        if self.attention_backend == "flash-attn" and (self.block_size % 256 or self.dtype == "float32"):
+            raise ValueError("the flash-attn backend needs block_size a multiple of 256 and dtype bfloat16 or float16")

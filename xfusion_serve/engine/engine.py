@@ -1,0 +1,280 @@
+"""The engine: a queue of requests, and a step loop of three lines (schedule, run, postprocess).
+
+nano-vllm's shape: the scheduler picks the step's work, the runner runs it in batched model calls, and the
+postprocessing samples, appends, checks stops and frees. It is also the offline API (offline.py):
+`Engine.from_checkpoint(path)` then `chat`, `complete`, `caption` and `generate_images`, with no server.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..model import prompts
+from ..model.checkpoint import Checkpoint, load_checkpoint
+from ..model.latents import decode_latents, encode_images
+from .config import EngineConfig
+from .detokenizer import detokenize, find_stop, safe_length
+from .flow_matching import flow_sigmas, guided, initial_noise
+from .offline import OfflineAPI
+from .request import Event, ImageRequest, TextRequest
+from .runner import ModelRunner
+from .scheduler import Plan, Scheduler
+from .text_sampling import SamplingParams, sample_next
+
+log = logging.getLogger(__name__)
+
+
+def is_fatal(err: BaseException) -> bool:
+    """A device error leaves the device unusable for every later step: no request can be served any more."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(err, accelerator_error) or "CUDA error" in str(err)
+
+
+def by_size(reqs: list[ImageRequest]) -> list[list[ImageRequest]]:
+    groups: dict[tuple, list[ImageRequest]] = {}
+    for r in reqs:
+        groups.setdefault(tuple(r.latents.shape[1:]), []).append(r)
+    return list(groups.values())
+
+
+class Engine(OfflineAPI):
+    """Requests in (`add_text`, `add_caption`, `add_image`), `step()` until done, `Event`s out.
+    Not thread-safe: one thread steps it (the server's AsyncEngine, or the offline API's `run`)."""
+
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None):
+        self.ckpt, self.config = ckpt, config or EngineConfig()
+        c = self.config
+        self.runner = ModelRunner(ckpt, backend=c.attention_backend, kv_cache_bytes=c.kv_cache_memory,
+                                  vision_cache_fraction=c.vision_cache_fraction, block_size=c.block_size)
+        if c.compile_decode:
+            self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
+        if c.compile_denoise:
+            self.runner.compile_denoise()
+        self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,
+                                   ckpt.model.text_config.max_position_embeddings)
+        self.tokenizer = ckpt.tokenizer
+        self.requests: dict[str, TextRequest | ImageRequest] = {}
+        # Test-only fault injection: called as fault_hook(phase, requests) before each batch ("prefill",
+        # "decode", "prompts", "denoise", "vae") and with ("schedule", []) before scheduling.
+        self.fault_hook: Callable[[str, list], None] | None = None
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs belong to the thread that records them: one that steps this engine from a thread of its
+        own (the server) calls this there first. Nothing to do off CUDA or with no compiled decode step."""
+        if self.runner.device.type == "cuda":
+            self.runner.capture_graphs()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
+        config = config or EngineConfig()
+        return cls(load_checkpoint(path, dtype=config.dtype, device=config.device), config)
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_text(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        return self._add(TextRequest(prefix=list(prompt_ids), params=params, stop_ids=self._stop_ids(params)))
+
+    def add_caption(self, image: Image.Image, instruction: str | None, params: SamplingParams) -> str:
+        h, w = self.ckpt.config.image_sizes[0]
+        latent = encode_images(self.ckpt.vae, [image], h, w)[0].to(self.runner.device, self.runner.dtype)
+        return self._add(TextRequest(
+            prefix=prompts.caption_prefix(self.tokenizer), image=latent, params=params,
+            suffix=prompts.caption_instruction(self.tokenizer, instruction), stop_ids=self._stop_ids(params),
+            patch_size=self.ckpt.config.patch_size))
+
+    def add_image(self, prompt: str, *, negative_prompt: str = "", n: int = 1, size: tuple[int, int] | None = None,
+                  steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                  preview_every: int = 0) -> str:
+        cfg = self.ckpt.config
+        height, width = size or cfg.image_sizes[0]
+        if (height, width) not in cfg.image_sizes:
+            raise ValueError(f"size {width}x{height} is not one of the trained sizes")
+        vae = self.ckpt.model.vae_info
+        shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
+        seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+        seeds = [seed + i for i in range(n)]
+        latents = torch.stack([initial_noise(shape, s) for s in seeds]).to(self.runner.device)
+        return self._add(ImageRequest(
+            prompt=prompts.generation_prompt(self.tokenizer, prompt),
+            negative=prompts.generation_prompt(self.tokenizer, negative_prompt), seeds=seeds,
+            sigmas=flow_sigmas(steps or cfg.sampler.steps, cfg.sampler.shift),
+            guidance_scale=cfg.sampler.guidance_scale if guidance_scale is None else guidance_scale,
+            latents=latents, preview_every=preview_every))
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.ckpt.eos_token_ids))
+
+    def _add(self, req) -> str:
+        self.requests[req.id] = req
+        self.scheduler.add(req)
+        return req.id
+
+    def cancel(self, request_id: str) -> None:
+        """Frees everything the request holds, at once; it ends with finish_reason "cancelled"."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req, "cancelled")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """One step. A batch that raises fails its own requests only; an exception that escapes (the
+        scheduler's state, a device error) means the engine cannot go on."""
+        if self.fault_hook:
+            self.fault_hook("schedule", [])
+        plan = self.scheduler.schedule()
+        results = self._run(plan)
+        return self._postprocess(plan, results)
+
+    def _batch(self, results: dict, phase: str, reqs: list, fn: Callable[[], object]):
+        """fn() -> its result, or None when it raised: then reqs end with a server error."""
+        try:
+            if self.fault_hook:
+                self.fault_hook(phase, reqs)
+            return fn()
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            log.exception("%s batch of %d requests failed", phase, len(reqs))
+            results["failed"].append((list(reqs), f"{type(e).__name__}: {e}"))
+            return None
+
+    def _run(self, plan: Plan) -> dict:
+        out: dict = {"failed": []}
+        if plan.prefill:
+            out["prefill"] = self._batch(out, "prefill", plan.prefill, lambda: self._sample(
+                plan.prefill, self.runner.prefill([r.segments() for r in plan.prefill], [r.blocks for r in plan.prefill])))
+        if plan.decode:
+            out["decode"] = self._batch(out, "decode", plan.decode, lambda: self._sample(plan.decode, self.runner.decode(
+                [r.output[-1] for r in plan.decode], [r.length for r in plan.decode], [r.blocks for r in plan.decode])))
+        if plan.prompts:  # a prompt whose K/V never landed fails every request that shares it
+            fresh = {tuple(r.prompt_ids(role)) for r, role in plan.prompts}
+            users = [r for r in plan.denoise if any(tuple(r.prompt_ids(role)) in fresh for role in r.tables)]
+            if self._batch(out, "prompts", users, lambda: self.runner.prefill_prompts(
+                    [r.prompt_ids(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])):
+                self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
+        failed = {id(r) for reqs, _ in out["failed"] for r in reqs}
+        plan.denoise = [r for r in plan.denoise if id(r) not in failed]
+        out["denoise"] = {}
+        for group in by_size(plan.denoise):
+            previews = self._batch(out, "denoise", group, lambda: self._denoise(group))
+            if previews is None:
+                plan.denoise = [r for r in plan.denoise if r not in group]
+            else:
+                out["denoise"].update(previews)
+        return out
+
+    def _sample(self, reqs: list[TextRequest], logits: torch.Tensor) -> list[int]:
+        return sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _denoise(self, group: list[ImageRequest]) -> dict[str, torch.Tensor]:
+        """One Euler step for image requests of one size, cond and uncond rows in one batch."""
+        previews: dict[str, torch.Tensor] = {}
+        latents, sigmas, tables, lens = [], [], [], []
+        for r in group:
+            sigma = r.sigmas[r.step]
+            for role in ("cond", "uncond") if r.guided else ("cond",):
+                ids = r.prompt_ids(role)
+                latents.append(r.latents)
+                sigmas += [sigma] * len(r.seeds)
+                tables += [r.tables[role]] * len(r.seeds)
+                lens += [len(ids) + 1] * len(r.seeds)
+        v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens, batch=tuple(r.id for r in group))
+        start, updated = 0, []
+        for r in group:
+            n = len(r.seeds)
+            v_r = v[start : start + n]
+            if r.guided:
+                v_r = guided(v_r, v[start + n : start + 2 * n], r.guidance_scale)
+            start += 2 * n if r.guided else n
+            sigma, sigma_next = r.sigmas[r.step], r.sigmas[r.step + 1]
+            if r.preview_every and (r.step + 1) % r.preview_every == 0:
+                previews[r.id] = r.latents - sigma * v_r  # x0 = x_sigma - sigma * v
+            updated.append(r.latents + (sigma_next - sigma) * v_r)
+        for r, x in zip(group, updated):  # only once the whole group has succeeded
+            r.latents = x
+        return previews
+
+    def _postprocess(self, plan: Plan, results: dict) -> list[Event]:
+        events = [Event(r.id, "done", finish_reason="error", error=msg, error_type="invalid_request_error")
+                  for r, msg in plan.failed]
+        for r, _ in plan.failed:
+            self.requests.pop(r.id, None)
+        for reqs, msg in results["failed"]:
+            events += self._fail(reqs, msg)
+        for r in plan.out_of_room:  # alone and still longer than the whole cache: it ends here
+            events.append(self._finish_text(r, "length", self.tokenizer.decode(r.output, skip_special_tokens=True)))
+        for key in ("prefill", "decode"):
+            for req, token in zip(getattr(plan, key), results.get(key) or []):
+                events += self._append(req, token)
+        finished = []
+        for r in plan.denoise:
+            r.step += 1
+            events.append(Event(r.id, "step", step=r.step, steps=r.steps, preview=results["denoise"].get(r.id)))
+            if r.step == r.steps:
+                finished.append(r)
+        for group in by_size(finished):  # one batched VAE decode per size for the images done this step
+            images = self._batch(results, "vae", group, lambda: decode_latents(
+                self.ckpt.vae, torch.cat([r.latents for r in group])))
+            if images is None:
+                events += self._fail(group, results["failed"][-1][1])
+                continue
+            for r in group:
+                events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop"))
+                images = images[len(r.seeds):]
+                self._end(r, "stop")
+        return events
+
+    def _fail(self, reqs: list, message: str) -> list[Event]:
+        for r in reqs:
+            self._end(r, "error")
+        return [Event(r.id, "done", finish_reason="error", error=f"internal error: {message}",
+                      error_type="server_error") for r in reqs]
+
+    def _append(self, req: TextRequest, token: int) -> list[Event]:
+        params = req.params
+        if token in req.stop_ids:  # the stop token itself is not part of the answer
+            return [self._finish_text(req, "stop", self.tokenizer.decode(req.output, skip_special_tokens=True))]
+        req.output.append(token)
+        text = detokenize(self.tokenizer, req)
+        cut = find_stop(text, params.stop)
+        if cut >= 0:
+            return [self._finish_text(req, "stop", text[:cut], [token])]
+        if len(req.output) >= params.max_tokens or req.length >= self.scheduler.max_model_len:
+            return [self._finish_text(req, "length", self.tokenizer.decode(req.output, skip_special_tokens=True),
+                                      [token])]
+        safe = safe_length(text, params.stop)  # text that may yet become a stop string waits
+        delta = text[len(req.text) : safe]
+        req.text = text[: max(safe, len(req.text))]
+        return [Event(req.id, "token", text=delta, token_ids=[token])]
+
+    def _finish_text(self, req: TextRequest, reason: str, text: str, new_tokens: list[int] | None = None) -> Event:
+        """The done event carries the whole text (a streamer sends what its token events had not) and the
+        token generated in this step, if the request ended on one."""
+        req.text = text
+        self._end(req, reason)
+        return Event(req.id, "done", text=text, token_ids=new_tokens or [], finish_reason=reason,
+                     step=len(req.output), prompt_tokens=req.prompt_len)
+
+    def _end(self, req, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self.requests.pop(req.id, None)
+
+    # ---- offline API -------------------------------------------------------------------------------------
+    def run(self, request_ids: list[str]) -> dict[str, Event]:
+        """Steps until every given request is done -> its done event (cancelled ones are left out)."""
+        pending, done = set(request_ids), {}
+        while pending:
+            for ev in self.step():
+                if ev.kind == "done" and ev.request_id in pending:
+                    done[ev.request_id] = ev
+                    pending.discard(ev.request_id)
+            pending &= set(self.requests)  # a request cancelled meanwhile will never be done
+        return done

@@ -1,0 +1,113 @@
+"""Requests and what they emit: their state while the engine serves them, and the events of each step.
+
+A text request (chat, completion, caption) holds its prompt, its output so far and its KV blocks; an image
+request holds its prompts, its current latents and sigmas, and its prompt-cache tables. An `Event` is what
+a request did in one step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..model.sequence import ImageSegment, Segment
+from .text_sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class TextRequest:
+    """Chat and completions: `prefix` is the whole prompt. Captions: prefix, image latent, then `suffix`."""
+
+    prefix: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    image: torch.Tensor | None = None  # scaled clean latent [C, h, w]
+    suffix: list[int] = field(default_factory=list)
+    patch_size: int = 2
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    text: str = ""  # streamed so far
+    decoded: str = ""  # the settled text of output[:read_offset] (incremental detokenization)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    def __post_init__(self):
+        self.generator = self.params.generator()
+
+    @property
+    def image_tokens(self) -> int:
+        if self.image is None:
+            return 0
+        return (self.image.shape[-2] // self.patch_size) * (self.image.shape[-1] // self.patch_size)
+
+    @property
+    def prompt_len(self) -> int:
+        extra = self.image_tokens + 2 + len(self.suffix) if self.image is not None else 0
+        return len(self.prefix) + extra
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + len(self.output)
+
+    def segments(self) -> list[Segment]:
+        """The whole sequence so far: what a (re)computing prefill runs."""
+        if self.image is None:
+            return [self.prefix + self.output]
+        return [self.prefix, ImageSegment(self.image, 0.0), self.suffix + self.output]
+
+
+@dataclass(eq=False)
+class ImageRequest:
+    prompt: list[int]
+    negative: list[int]
+    seeds: list[int]  # one per image
+    sigmas: list[float]
+    guidance_scale: float
+    latents: torch.Tensor  # [n, C, h, w], the current x_sigma of every image
+    preview_every: int = 0
+    id: str = field(default_factory=lambda: f"img-{next(_ids)}")
+    step: int = 0
+    tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # "cond"/"uncond" -> tower -> blocks
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def prompt_ids(self, role: str) -> list[int]:
+        return self.prompt if role == "cond" else self.negative
+
+
+@dataclass
+class Event:
+    """What a request did this step: new text ("token"), a denoising step ("step"), or its end ("done")."""
+
+    request_id: str
+    kind: str
+    text: str = ""  # token: the new text; done: the whole text (captions, chat)
+    token_ids: list[int] = field(default_factory=list)
+    step: int = 0
+    steps: int = 0
+    preview: torch.Tensor | None = None  # step: the current x0 prediction (scaled latents), when asked
+    images: list[Image.Image] | None = None  # done (image requests)
+    seeds: list[int] | None = None  # done (image requests): the seed of each image
+    finish_reason: str | None = None
+    error: str | None = None
+    error_type: str | None = None  # "invalid_request_error" (the request itself) or "server_error"
+    prompt_tokens: int = 0  # done (text requests): the prompt's length, image tokens included

@@ -1,0 +1,187 @@
+"""The model runner: turns scheduled work into flat tensors, runs one batched model call, returns logits
+or velocities. It owns the KV pools; what goes into them is decided by the scheduler."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.attention import make_backend
+from ..model.checkpoint import Checkpoint
+from ..model.sequence import Segment
+from ..model.xfusion import vision_block_config
+from .kv_cache import KVPool
+from .paged_attention import DecodeAttention, PrefillAttention, PrefixAttention
+
+
+# Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly. On the CPU compiling
+# pays only while per-op overhead dominates (benchmarks/bench_engine.py --compile-decode: 1.8x the eager
+# step at one request, slower at 16, where the fixed-width tables cost more than the overhead saved).
+DECODE_BATCHES = {"cuda": (1, 2, 4, 8, 16, 32, 64), "cpu": (1, 2, 4)}
+
+
+def _head_shape(cfg) -> tuple[int, int]:
+    return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class ModelRunner:
+    def __init__(self, ckpt: Checkpoint, *, backend: str, kv_cache_bytes: int, vision_cache_fraction: float,
+                 block_size: int):
+        self.model = ckpt.model
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.backend = make_backend(backend, self.device)
+        text_cfg = self.model.text_config
+        vision_cfg = vision_block_config(text_cfg, self.model.config)
+        layers = text_cfg.num_hidden_layers
+        self.pools: dict[str, KVPool] = {}
+        for tower, cfg, share in (("text", text_cfg, 1 - vision_cache_fraction), ("vision", vision_cfg,
+                                                                                  vision_cache_fraction)):
+            heads, dim = _head_shape(cfg)
+            per_block = KVPool.bytes_per_block(layers, heads, dim, block_size, self.dtype)
+            self.pools[tower] = KVPool(layers, heads, dim, int(kv_cache_bytes * share) // per_block, block_size,
+                                       self.dtype, self.device)
+        # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
+        # read image tokens as well).
+        self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)
+        self._prefix: tuple | None = None  # (request ids, prompts' K/V, mask) of the last denoising step
+        self.captured = None  # the compiled decode step, once compile_decode() is called
+        self.captured_batches: tuple[int, ...] = ()
+        self.captured_denoise = None  # the compiled denoising step, once compile_denoise() is called
+        self.table_width = 0
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _tables(self, tables: list[list[int]], width: int = 0) -> torch.Tensor:
+        """Padded with block 0 to `width` (default: the longest): past a sequence's length nothing is read
+        unmasked."""
+        width = width or max(map(len, tables))
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+
+    @torch.no_grad()
+    def prefill(self, sequences: list[list[Segment]], block_tables: list[list[int]]) -> torch.Tensor:
+        """Whole sequences (text and images), packed; the text tower's K/V land in the cache.
+        -> logits [B, V] at each sequence's last token."""
+        embeds, positions, image_ids, slots, cu = [], [], [], [], [0]
+        images_before = 0
+        for segments, table in zip(sequences, block_tables):
+            seq = self.model.embed_sequence(segments)
+            n = len(seq.positions)
+            embeds.append(seq.embeds)
+            positions.append(seq.positions)
+            # Image ids only need to differ within one sequence; offsetting keeps them unique anyway.
+            image_ids.append(torch.where(seq.image_ids >= 0, seq.image_ids + images_before, seq.image_ids))
+            images_before += len(seq.image_slices)
+            slots += self.pools["text"].slots(table, 0, n)
+            cu.append(cu[-1] + n)
+        ids = torch.cat(image_ids)
+        attn = PrefillAttention(self.backend, self.pools, {"text": self._tensor(slots)}, cu, ids)
+        h = self.model(torch.cat(embeds), torch.cat(positions), ids, attn)
+        return self.model.text.logits(h[self._tensor(cu[1:]) - 1])
+
+    @torch.no_grad()
+    def decode(self, last_tokens: list[int], lengths: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One new token per sequence at position length - 1 -> logits [B, V]."""
+        pool = self.pools["text"]
+        slots = [pool.slots(t, n - 1, n)[0] for t, n in zip(block_tables, lengths)]
+        B = len(lengths)
+        if self.captured is None or B > self.captured_batches[-1]:
+            # One host-to-device copy for everything per token (a decode step is mostly such overhead).
+            tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
+            return self._decode_step(tokens, seq_lens, slots, positions, self._tables(block_tables))
+        # Fixed shapes, so that a graph captured once per batch size replays: the batch padded to the next
+        # captured size (padded rows write to the scratch slot, their logits are dropped), every table to
+        # the longest a sequence can have (kernels read only up to each sequence's length).
+        pad = next(b for b in self.captured_batches if b >= B) - B
+        tokens, seq_lens, slots, positions = self._tensor([last_tokens + [0] * pad, lengths + [1] * pad,
+                                                           slots + [pool.scratch_slot] * pad,
+                                                           [n - 1 for n in lengths] + [0] * pad])
+        return self.captured(tokens, seq_lens, slots, positions,
+                             self._tables(block_tables + [[]] * pad, self.table_width))[:B]
+
+    def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> torch.Tensor:
+        attn = DecodeAttention(self.backend, self.pools["text"], slots, tables, seq_lens)
+        h = self.model.text_forward(self.model.text.model.embed_tokens(tokens), positions, attn)
+        return self.model.text.logits(h)
+
+    def compile_decode(self, max_model_len: int) -> None:
+        """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
+        per batch size of DECODE_BATCHES; on the CPU plain compilation of the same fixed shapes, for the small
+        batches where it pays. Every size is compiled here, not on a request's time."""
+        pool = self.pools["text"]
+        torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
+        self.table_width = pool.blocks_needed(max_model_len)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.captured = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        self.captured_batches = DECODE_BATCHES["cuda" if self.device.type == "cuda" else "cpu"]
+        self.capture_graphs()
+
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Runs the compiled decode step at every batch size (rows of padding only). CUDA graphs belong to the
+        thread that records them, at a shape's second run: whoever steps the engine from another thread (the
+        server) calls this there before the first request."""
+        pool = self.pools["text"]
+        for b in self.captured_batches:
+            ones = self._tensor([1] * b)
+            for _ in range(2 if self.device.type == "cuda" else 1):
+                self.captured(ones * 0, ones, ones * pool.scratch_slot, ones * 0,
+                              self._tables([[]] * b, self.table_width))
+
+    @torch.no_grad()
+    def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> int:
+        """Image prompts (text, then the begin-of-image embedding): only their K/V are kept, for every step.
+        -> how many were prefilled."""
+        embed = self.model.text.model.embed_tokens
+        embeds = [torch.cat([embed(self._tensor(ids)), self.model.vision.boi[None]]) for ids in prompts]
+        lengths = [len(e) for e in embeds]
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        slots = {tower: self._tensor([s for t, n in zip(block_tables, lengths) for s in self.pools[tower].slots(
+            t[tower], 0, n)]) for tower in self.prompt_towers}
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        ids = torch.full_like(positions, -1)
+        self.model(torch.cat(embeds), positions, ids, PrefillAttention(self.backend, self.pools, slots, cu, ids))
+        return len(prompts)
+
+    @torch.no_grad()
+    def velocity(self, latents: torch.Tensor, sigmas: list[float], block_tables: list[dict[str, list[int]]],
+                 prefix_lengths: list[int], batch: tuple = ()) -> torch.Tensor:
+        """Image tokens only, over their cached prompts: latents [R, C, h, w] at noise sigmas -> velocity.
+        `batch` names the requests behind the rows (their tables, prompts and image size are fixed for life):
+        while it stays the same, so do the prompts' K/V, gathered once. Blocks are reused by later requests,
+        so equal tables alone would not say that."""
+        lens, sigmas = self._tensor(prefix_lengths), self._tensor(sigmas, torch.float32)
+        if not batch or self._prefix is None or self._prefix[0] != batch:  # a new batch: gather its prompts
+            tables = {tower: self._tables([t[tower] for t in block_tables]) for tower in self.prompt_towers}
+            num_tokens = latents.shape[-2] * latents.shape[-1] // self.model.config.patch_size ** 2
+            self._prefix = batch, *PrefixAttention.gather(self.backend, self.pools, tables, lens, num_tokens)
+        latents, (prompts, mask) = latents.to(self.device), self._prefix[1:]
+        if self.captured_denoise is None:
+            return self._denoise_step(latents, sigmas, lens, prompts, mask)
+        # Rows and prompt length are dynamic sizes of the one compiled graph (else each new value recompiles).
+        for x, dims in [(latents, (0,)), (sigmas, (0,)), (lens, (0,)), (mask, (0, 3))] + [
+                (x, (0, 2)) for layers in prompts.values() for kv in layers for x in kv]:
+            torch._dynamo.mark_dynamic(x, dims)
+        return self.captured_denoise(latents, sigmas, lens, prompts, mask)
+
+    def _denoise_step(self, latents, sigmas, prefix_lens, prompts, mask) -> torch.Tensor:
+        tokens = self.model.embed_image(latents.to(self.dtype), sigmas)
+        positions = prefix_lens[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.model.image_forward(tokens, positions, PrefixAttention(self.backend, prompts, mask))
+        return self.model.velocity(h, *latents.shape[-2:]).float()
+
+    def compile_denoise(self) -> None:
+        """torch.compile the denoising step with the rows and the prompts' length as dynamic sizes: one graph
+        serves every batch. Compiled here for each image size, for one row and for several (torch specialises
+        a size of 1), so that no request waits for it. No CUDA graphs: they would be recorded anew for every
+        batch shape, and a denoising step of a real model is long enough for its launches not to matter."""
+        self.captured_denoise = torch.compile(self._denoise_step)
+        vae, two_blocks = self.model.vae_info, 2 * self.pools["vision"].block_size
+        for rows in (2, 1):
+            for height, width in self.model.config.image_sizes:
+                latents = torch.zeros(rows, vae.latent_channels, height // vae.downsample, width // vae.downsample)
+                self.velocity(latents, [1.0] * rows, [{tower: [0, 0] for tower in self.prompt_towers}] * rows,
+                              [two_blocks] * rows)
+        self._prefix = None

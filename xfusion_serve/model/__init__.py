@@ -1,0 +1,1 @@
+"""The model: config, Llama blocks, dual-tower stack, attention backends, reference, checkpoints, prompts, VAE."""

@@ -1,0 +1,139 @@
+"""Attention backends behind one switch: the three attention patterns of X-Fusion serving, per backend.
+
+    prefill          packed whole prompts, causal text and bidirectional images (chat, caption, image prompts)
+    decode           one new text query per sequence over its paged cache
+    prefix           the image tokens of a denoising step over their cached prompt plus their own image
+Backends: "torch" (SDPA; the CPU default and the reference), "triton" (the project's kernels in
+kernels/xfusion_kernels), "flash-attn" (GPU image only). Every backend agrees with "torch".
+The paged cache they read is one layer's [2, blocks, block_size, kv_heads, head_dim] (engine/kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .sequence import attention_mask
+
+
+BACKENDS = ("torch", "triton", "flash-attn")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def prefill(self, q, k, v, cu_seqlens: list[int], image_ids: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, d], k/v [N, Hkv, d] packed by cu_seqlens -> [N, Hq, d]."""
+        out = torch.empty_like(q)
+        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            mask = attention_mask(image_ids[None, s:e])[0]
+            out[s:e] = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
+                enable_gqa=True,
+            ).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def gather(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's [2, blocks, bs, Hkv, d] by tables [B, M] (padded with block 0, masked), keys and values
+        in one indexing -> k, v [B, Hkv, M*bs, d]."""
+        k, v = kv_cache[:, block_tables].flatten(2, 3).transpose(2, 3)
+        return k, v
+
+    def prepare_decode(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+        """What every layer of one decode step shares, built once per step."""
+        seen = torch.arange(block_tables.shape[1] * block_size, device=seq_lens.device) < seq_lens[:, None]
+        return block_tables, seen[:, None, None]
+
+    def decode(self, q, kv_cache, meta) -> torch.Tensor:
+        """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d].
+        kv_cache: one layer's [2, blocks, bs, Hkv, d], keys and values gathered in one indexing."""
+        block_tables, mask = meta
+        k, v = self.gather(kv_cache, block_tables)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+
+    def prefix(self, q, k, v, prompt_k, prompt_v, mask: torch.Tensor) -> torch.Tensor:
+        """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prompt and all N of its own tokens."""
+        keys, values = torch.cat([prompt_k, k.transpose(1, 2)], 2), torch.cat([prompt_v, v.transpose(1, 2)], 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+
+class TritonBackend(TorchBackend):
+    """The project's kernels for prefill and decode; the prefix pattern stays on SDPA."""
+
+    name = "triton"
+
+    def __init__(self):
+        import xfusion_kernels
+
+        self.k = xfusion_kernels
+
+    def prefill(self, q, k, v, cu_seqlens, image_ids):
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        return self.k.prefill_attention(q, k, v, cu, image_ids.to(torch.int32))
+
+    def prepare_decode(self, block_tables, seq_lens, block_size):
+        return block_tables.to(torch.int32), seq_lens.to(torch.int32)
+
+    def decode(self, q, kv_cache, meta):
+        return self.k.paged_decode_attention(q, kv_cache[0], kv_cache[1], *meta)
+
+
+@functools.cache
+def _flash_decode_op():
+    """flash-attn's paged decode as a torch custom op. flash-attn 2 registers its varlen function with torch
+    but not this one, so torch.compile would break the decode graph (and its CUDA graph) at every layer.
+    The new token's K/V are already in the cache: the op reads its inputs and mutates nothing."""
+    from flash_attn import flash_attn_with_kvcache
+
+    @torch.library.custom_op("xfusion::flash_decode", mutates_args=())
+    def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor) -> torch.Tensor:
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seq_lens, block_table=block_tables)
+
+    @flash_decode.register_fake
+    def _(q, k_cache, v_cache, seq_lens, block_tables):
+        return torch.empty_like(q)
+
+    return flash_decode
+
+
+class FlashAttnBackend(TorchBackend):
+    """flash-attn for text-only prefill and paged decode (its paged cache wants blocks of 256 tokens);
+    prompts that hold an image need the modality mask, which flash-attn lacks: they use SDPA."""
+
+    name = "flash-attn"
+
+    def __init__(self):
+        from flash_attn import flash_attn_varlen_func
+
+        self.varlen, self.with_kvcache = flash_attn_varlen_func, _flash_decode_op()
+
+    def prefill(self, q, k, v, cu_seqlens, image_ids):
+        if bool((image_ids >= 0).any()):
+            return super().prefill(q, k, v, cu_seqlens, image_ids)
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        longest = max(e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+        return self.varlen(q, k, v, cu, cu, longest, longest, causal=True)
+
+    def prepare_decode(self, block_tables, seq_lens, block_size):
+        return block_tables.to(torch.int32), seq_lens.to(torch.int32)
+
+    def decode(self, q, kv_cache, meta):
+        block_tables, seq_lens = meta
+        return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], seq_lens, block_tables)[:, 0]
+
+
+def make_backend(name: str, device: torch.device) -> TorchBackend:
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        return TritonBackend()
+    if name == "flash-attn":
+        if device.type != "cuda":
+            raise ValueError("the flash-attn backend needs a CUDA device")
+        return FlashAttnBackend()
+    raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")

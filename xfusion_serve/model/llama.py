@@ -1,0 +1,139 @@
+"""LLaMA decoder blocks in plain torch, their parameters named as transformers names them.
+
+RMSNorm, RoPE (frequencies from transformers' own rope functions, so llama3 scaling matches exactly),
+grouped-query attention and SwiGLU: the frozen text tower is `TextTower` (laid out as `LlamaForCausalLM`, so
+its safetensors load as they are), and every vision block of X-Fusion is one more `Block`.
+Source followed: transformers' `models/llama/modeling_llama.py`; tests/model/test_model.py holds the logits
+to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# RoPE types whose frequencies depend on the sequence length at run time; a static cache cannot use them.
+_DYNAMIC_ROPE = {"dynamic", "longrope"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as transformers' LlamaRMSNorm does (one op
+        # instead of five; tests/model/test_model.py holds it to transformers' logits).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for RoPE; the frequencies come from transformers' own rope functions (llama3 included)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        rope = cfg.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        kind = rope.get("rope_type", "default")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if kind in _DYNAMIC_ROPE or (kind != "default" and kind not in ROPE_INIT_FUNCTIONS):
+            raise ValueError(f"rope_type {kind!r} is not supported (use default, linear, llama3 or yarn)")
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            if kind == "default":
+                steps = torch.arange(0, head_dim, 2, dtype=torch.float)
+                inv_freq, scale = 1.0 / (rope["rope_theta"] ** (steps / head_dim)), 1.0
+            else:
+                inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](cfg)
+        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = inv_freq.float()
+        self.scale = float(scale)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., T] -> cos, sin [..., 1, T, head_dim] (broadcast over heads), sin's first half negated:
+        rotate_half(x) * sin is then x.roll(half) * sin, one op fewer per use, and exactly equal."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin()
+        sin = torch.cat((-sin[..., : freqs.shape[-1]], sin[..., freqs.shape[-1]:]), dim=-1)
+        return (emb.cos() * self.scale).to(dtype).unsqueeze(-3), (sin * self.scale).to(dtype).unsqueeze(-3)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., heads, T, head_dim]; cos/sin from Rotary: x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(-2, -3)
+
+    def q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(self._split(self.q_proj(x), self.heads), cos, sin)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = apply_rope(self._split(self.k_proj(x), self.kv_heads), cos, sin)
+        return k, self._split(self.v_proj(x), self.kv_heads)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One LLaMA decoder block, its parameters named as transformers names them."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.attention_bias
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual stream after attention ([..., heads, head_dim] flattened) and the MLP."""
+        h = h + self.self_attn.o_proj(attn.flatten(-2))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TextTower(nn.Module):
+    """The frozen LLM, laid out as `LlamaForCausalLM` so its safetensors load as they are."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.model = TextModel(cfg)
+        self.tied = bool(cfg.tie_word_embeddings)
+        if not self.tied:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return F.linear(self.model.norm(h), weight)

@@ -1,0 +1,102 @@
+"""Prometheus metrics in vLLM's naming, with an `xfusion` prefix and a `task` label (text, caption, image).
+
+Updated on the engine thread after every step, from the step's events and the scheduler's state; gauges
+keep vLLM's types and meaning because autoscalers read them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+from ..engine.engine import Engine
+from ..engine.request import Event, TextRequest
+
+TASKS = ("text", "caption", "image")
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def task_of(req) -> str:
+    if isinstance(req, TextRequest):
+        return "caption" if req.image is not None else "text"
+    return "image"
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: memory growth shows up here
+        p = "xfusion_"
+        self.running = Gauge(p + "num_requests_running", "Requests in the running batch", ["task"], registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting to be admitted", ["task"], registry=r)
+        self.cache_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use", ["tower"],
+                                 registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prefilled prompt tokens", ["task"], registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", ["task"], registry=r)
+        self.images = Counter(p + "images", "Images generated", registry=r)
+        self.denoising_steps = Counter(p + "denoising_steps", "Denoising steps run (per request)", registry=r)
+        self.request_success = Counter(p + "request_success", "Finished requests", ["task", "finished_reason"],
+                                       registry=r)
+        self.preemptions = Counter(p + "num_preemptions", "Text requests preempted for recompute", registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first token", ["task"],
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Between two tokens of a request", ["task"],
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Arrival to end", ["task"], buckets=_LATENCY,
+                             registry=r)
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to admission", ["task"],
+                                    buckets=_LATENCY, registry=r)
+        self.image_seconds = Histogram(p + "image_generation_seconds", "Arrival to images, per request",
+                                       buckets=_LATENCY, registry=r)
+        self._last_token: dict[str, float] = {}
+        self._seen_preemptions = 0
+
+    def observe(self, engine: Engine, events: list[Event], requests: dict[str, object]) -> None:
+        """`requests`: every request named by an event, as it was before the step (done ones are gone)."""
+        now = time.monotonic()
+        for ev in events:
+            req = requests.get(ev.request_id)
+            if req is None:
+                continue
+            task = task_of(req)
+            if ev.token_ids:  # a token event, or a done event that ended on a new token
+                self.generation_tokens.labels(task).inc()
+                last = self._last_token.get(ev.request_id)
+                if last is None:
+                    self.ttft.labels(task).observe(now - req.arrival)
+                    self.queue_time.labels(task).observe((req.admitted_at or now) - req.arrival)
+                else:
+                    self.itl.labels(task).observe(now - last)
+                self._last_token[ev.request_id] = now
+            if ev.kind == "step":
+                self.denoising_steps.inc()
+                if ev.step == 1:
+                    self.queue_time.labels(task).observe((req.admitted_at or now) - req.arrival)
+            elif ev.kind == "done":
+                self._last_token.pop(ev.request_id, None)
+                self.request_success.labels(task, ev.finish_reason or "unknown").inc()
+                self.e2e.labels(task).observe(now - req.arrival)
+                if isinstance(req, TextRequest):
+                    self.prompt_tokens.labels(task).inc(req.prompt_len)
+                if ev.images:
+                    self.images.inc(len(ev.images))
+                    self.image_seconds.observe(now - req.arrival)
+        s = engine.scheduler
+        for task in TASKS:
+            self.running.labels(task).set(sum(task_of(r) == task for r in s.text + s.images))
+            self.waiting.labels(task).set(sum(task_of(r) == task for r in s.waiting))
+        for tower, pool in engine.runner.pools.items():
+            self.cache_usage.labels(tower).set(pool.blocks.usage())
+        self.preemptions.inc(s.preemptions - self._seen_preemptions)
+        self._seen_preemptions = s.preemptions
+
+    def aborted(self, req) -> None:
+        """A request its client left (or that was cancelled): counted, as vLLM does, as finished "abort"."""
+        task = task_of(req)
+        self._last_token.pop(req.id, None)
+        self.request_success.labels(task, "abort").inc()
+        self.e2e.labels(task).observe(time.monotonic() - req.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,145 @@
+"""The native routes (/v1/chat, /v1/caption, /v1/generate-image) and the probes (/health, /ready, /metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import ValidationError
+
+from ..engine.engine import Engine
+from ..model.prompts import chat_prompt
+from .schemas import CaptionRequest, ChatRequest, ImageRequest, decode_image, image_from_base64
+from .serving import (APIError, admit, final, image_result, sampling_params, server_of, sse_response, start,
+                      text_response)
+
+router = APIRouter()
+
+
+@router.post("/v1/chat", dependencies=[Depends(admit)])
+async def chat(body: ChatRequest, request: Request):
+    server = server_of(request)
+    ids = chat_prompt(server.tokenizer, [m.model_dump() for m in body.messages])
+    params = sampling_params(body)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "chatcmpl"
+        if kind == "full":
+            return {"id": k["rid"], "object": "chat.completion", "created": k["created"], "model": server.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": k["text"]},
+                                 "finish_reason": k["finish"]}], "usage": k["usage"]}
+        return {"id": k["rid"], "object": "chat.completion.chunk", "created": k["created"],
+                "model": server.model_name,
+                "choices": [{"index": 0, "delta": {"content": k["text"]}, "finish_reason": k["finish"]}]}
+
+    return await text_response(request, lambda e: e.add_text(ids, params), body.stream, shape)
+
+
+async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
+    """JSON with a base64 image, or a multipart upload (an `image` file plus the same fields as form fields)."""
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise APIError(422, "image: a multipart caption request needs an `image` file", param="image")
+            data = await upload.read()
+            body = CaptionRequest.model_validate({k: v for k, v in form.items() if k != "image"} | {"image": ""})
+            return body, decode_image(data)
+        try:
+            raw = json.loads(await request.body())
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+            raise APIError(400, f"the body could not be parsed as JSON ({type(e).__name__})") from e
+        body = CaptionRequest.model_validate(raw)
+        return body, image_from_base64(body.image)
+    except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+    except ValueError as e:
+        raise APIError(400, str(e), param="image") from e
+
+
+# The body is read by hand (JSON or multipart); the schema still tells clients and fuzzers what it takes.
+_CAPTION_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CaptionRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {**CaptionRequest.model_json_schema(),
+                                       "properties": {**CaptionRequest.model_json_schema()["properties"],
+                                                      "image": {"type": "string", "format": "binary"}}}}}}}
+
+
+@router.post("/v1/caption", dependencies=[Depends(admit)], openapi_extra=_CAPTION_BODY)
+async def caption(request: Request):
+    server = server_of(request)
+    body, image = await _caption_body(request)
+    params = sampling_params(body)
+
+    def add(engine: Engine) -> str:
+        return engine.add_caption(image, body.prompt, params)
+
+    def shape(kind, **k):
+        if kind == "id":
+            return "cap"
+        if kind == "full":
+            return {"id": k["rid"], "object": "caption", "created": k["created"], "model": server.model_name,
+                    "caption": k["text"], "finish_reason": k["finish"], "usage": k["usage"]}
+        return {"id": k["rid"], "object": "caption.chunk", "created": k["created"], "model": server.model_name,
+                "delta": k["text"], "finish_reason": k["finish"]}
+
+    return await text_response(request, add, body.stream, shape)
+
+
+@router.post("/v1/generate-image", dependencies=[Depends(admit)])
+async def generate_image(body: ImageRequest, request: Request):
+    server = server_of(request)
+    size = server.check_size(body.size)
+
+    def add(engine: Engine) -> str:
+        return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
+                                steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
+                                preview_every=body.preview_every)
+
+    events = await start(request, add)
+    created = int(time.time())
+    if not body.stream:
+        return image_result(await final(request, events), created, body.prompt)
+
+    async def steps():
+        async for ev in events:
+            if ev.kind == "step":
+                step = {"type": "step", "step": ev.step, "steps": ev.steps}
+                if ev.preview is not None:  # the current x0 prediction, decoded off the event loop
+                    step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
+                yield step
+            elif ev.kind == "done":
+                yield {"type": "completed"} | image_result(ev, created, body.prompt)
+
+    return sse_response(steps())
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(server_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/health")
+async def health(request: Request):
+    """Liveness: fails only when the engine has stopped for good (loading and draining are alive)."""
+    engine = server_of(request).engine
+    if engine is not None and engine.failure:
+        return JSONResponse({"status": "failed", "error": engine.failure}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    server = server_of(request)
+    if not server.ready or not server.engine.alive:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return {"status": "ready", "model": server.model_name}

@@ -1,0 +1,101 @@
+"""Validated HTTP requests and the responses' shapes (OpenAI's where one exists)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_BYTES = 20 << 20
+
+
+class StrictModel(BaseModel):
+    # A misspelt option ("temprature") silently ignored gives an answer the client did not ask for.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class SamplingFields(StrictModel):
+    max_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # greedy unless asked: the base LLM's own answer
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] | str | None = Field(default=None, validate_default=True)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 16 or any(len(s) > 256 for s in stops):
+            raise ValueError("at most 16 stop strings of at most 256 characters")
+        return stops
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+class CaptionRequest(SamplingFields):
+    image: str = Field(description="base64 image bytes, or a data: URI")
+    prompt: str | None = Field(default=None, max_length=10_000)
+    max_tokens: int = Field(default=64, ge=1, le=1024)
+
+
+class ImageRequest(StrictModel):
+    prompt: str = Field(min_length=1, max_length=10_000)
+    negative_prompt: str = Field(default="", max_length=10_000)
+    n: int = Field(default=1, ge=1, le=8)
+    size: str | None = Field(default=None, pattern=r"^\d{1,5}x\d{1,5}$")
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+    response_format: Literal["b64_json"] = "b64_json"
+    stream: bool = False
+    preview_every: int = Field(default=0, ge=0)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> an RGB image, checking the pixel count from the header before any decoding."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image larger than {MAX_IMAGE_BYTES} bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS} limit")
+        im.load()
+        return im.convert("RGB")
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the client's bad image
+        raise ValueError(f"not a readable image ({type(e).__name__})") from e
+
+
+def image_from_base64(text: str) -> Image.Image:
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ValueError("a data URI must be base64 encoded")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("image is not valid base64") from e
+    return decode_image(data)
+
+
+def image_to_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

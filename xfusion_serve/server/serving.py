@@ -1,0 +1,197 @@
+"""What every inference route shares: a place in the engine's queue, the request's events from the engine,
+and their answer as JSON or server-sent events; errors in OpenAI's body.
+
+request -> admit (a queue place, before the body is read) -> start (queued on the engine; refusals become
+HTTP errors) -> events -> final (JSON) or sse_response (streaming). A client that leaves cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine.async_engine import EngineFailed
+from ..engine.request import Event
+from ..engine.text_sampling import SamplingParams
+from .schemas import SamplingFields, image_to_base64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(err: APIError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def server_of(request: Request):
+    """The ServerState (app.state.server) behind a request."""
+    return request.app.state.server
+
+
+def sampling_params(req: SamplingFields) -> SamplingParams:
+    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+
+
+def _refuse_when_full(server, reserved: int) -> None:
+    """503 while loading, draining or after an engine failure; 429 when the queue (with the places already
+    promised to requests still being read) is full."""
+    if not server.ready or not server.engine.alive:
+        raise APIError(503, "the model is loading, the server is draining, or the engine has failed",
+                       "service_unavailable", headers={"Retry-After": "5"})
+    running, waiting = server.engine.load()
+    if waiting + reserved >= server.config.max_queue:
+        raise APIError(429, "the server is at its queue limit; retry later", "rate_limit_exceeded",
+                       headers={"Retry-After": "1"})
+
+
+async def admit(request: Request):
+    """A dependency of every inference route: a place in the queue is promised before the body is decoded
+    (a refused request costs no image decoding) and held until `start` queues the request or it fails."""
+    server = server_of(request)
+    _refuse_when_full(server, server.admitting)
+    server.admitting += 1
+    request.state.place = True
+    try:
+        yield
+    finally:
+        _give_back_place(request)
+
+
+def _give_back_place(request: Request) -> None:
+    if getattr(request.state, "place", False):
+        request.state.place = False
+        server_of(request).admitting -= 1
+
+
+async def start(request: Request, add) -> AsyncIterator[Event]:
+    """Queues a request; whatever refuses it before its first event becomes an HTTP error.
+    -> an iterator over all of its events."""
+    server = server_of(request)
+    _give_back_place(request)
+    # No await from here to the queue: the check and the queueing are one step for the event loop.
+    _refuse_when_full(server, server.admitting)
+    stream = server.engine.submit(add)
+    try:
+        first = await anext(stream)
+    except ValueError as e:  # the engine refused the input (a size it was not trained on, ...)
+        raise APIError(400, str(e)) from e
+    except EngineFailed as e:
+        raise APIError(503, f"the engine has failed ({e}); the server needs a restart", "service_unavailable") from e
+    if first.kind == "done" and first.finish_reason == "error":
+        raise _done_error(first)
+
+    async def events():
+        yield first
+        async for ev in stream:
+            yield ev
+
+    return events()
+
+
+async def final(request: Request, events: AsyncIterator[Event]) -> Event:
+    """The done event. A client that leaves first cancels the request, freeing its cache at once
+    (Starlette does not cancel a handler whose client went away)."""
+
+    async def collect() -> Event:
+        done = None
+        async for ev in events:
+            done = ev if ev.kind == "done" else done
+        return done
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if not task.done():
+        task.cancel()  # CancelledError reaches AsyncEngine.submit, whose `finally` cancels the request
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(499, "the client closed the request", "client_closed_request")
+    done = task.result()
+    if done.finish_reason == "error":
+        raise _done_error(done)
+    return done
+
+
+def _done_error(done: Event) -> APIError:
+    if done.error_type == "invalid_request_error":
+        return APIError(400, done.error or "invalid request")
+    return APIError(500, done.error or "generation failed", "server_error")
+
+
+def _error_event(err: APIError) -> str:
+    return _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}})
+
+
+def image_result(done: Event, created: int, prompt: str) -> dict:
+    """An image request's done event -> OpenAI's images response (each image with the seed that made it)."""
+    if done.finish_reason == "error":
+        raise _done_error(done)
+    return {"created": created, "usage": {"images": len(done.images)},
+            "data": [{"b64_json": image_to_base64(im), "seed": s, "revised_prompt": prompt}
+                     for im, s in zip(done.images, done.seeds)]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
+
+
+def sse_response(payloads: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events, one per payload; a failure mid-stream becomes one error event; always [DONE]."""
+
+    async def body():
+        try:
+            async for obj in payloads:
+                yield _sse(obj)
+        except APIError as e:
+            yield _error_event(e)
+        except Exception as e:  # noqa: BLE001 - the client gets an error event, not a cut connection
+            yield _error_event(APIError(500, str(e), "server_error"))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _usage(done: Event) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.step,
+            "total_tokens": done.prompt_tokens + done.step}
+
+
+async def text_response(request: Request, add, stream: bool, shape, include_usage: bool = False) -> object:
+    """Chat and caption: one response with the whole answer, or server-sent events as it is written."""
+    events = await start(request, add)
+    rid, created = f"{shape('id')}-{uuid.uuid4().hex[:12]}", int(time.time())
+    if not stream:
+        done = await final(request, events)
+        return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=_usage(done))
+
+    async def chunks():
+        sent = ""
+        async for ev in events:
+            if ev.kind == "token" and ev.text:
+                sent += ev.text
+                yield shape("chunk", rid=rid, created=created, text=ev.text, finish=None)
+            elif ev.kind == "done":
+                if ev.finish_reason == "error":
+                    raise _done_error(ev)
+                yield shape("chunk", rid=rid, created=created, text=ev.text[len(sent):], finish=ev.finish_reason)
+                if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                    yield shape("chunk", rid=rid, created=created, text="", finish=None) | {"choices": [],
+                                                                                         "usage": _usage(ev)}
+
+    return sse_response(chunks())

@@ -1,0 +1,90 @@
+"""The server's configuration and state: what `serve` is given, and what every route reads through
+app.state.server (no module-level globals): the engine, the tokenizer, the trained sizes, the metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.config import EngineConfig
+from ..engine.engine import Engine
+from ..engine.text_sampling import SamplingParams
+from ..model.checkpoint import EMBEDDED_CHECKPOINT
+from ..model.latents import decode_latents
+from .metrics import Metrics
+from .schemas import image_to_base64
+from .serving import APIError
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: str | None = None  # None: the embedded default
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_queue: int = 256
+    served_model_name: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # empty: no key needed
+    max_body_bytes: int = 32 << 20
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before exiting
+    allowed_image_domains: list[str] = field(default_factory=list)  # http(s) image_url hosts; none by default
+
+
+class ServerState:
+    """Everything the routes need, passed through app.state (no module-level globals)."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.checkpoint = Path(config.checkpoint) if config.checkpoint else EMBEDDED_CHECKPOINT
+        self.model_name = config.served_model_name or self.checkpoint.name
+        self.engine: AsyncEngine | None = None
+        self.metrics = Metrics()
+        self.tokenizer = None
+        self.trained_sizes: list[tuple[int, int]] = []
+        self.default_steps = 0
+        self.started = int(time.time())
+        self.vae = None
+        self.ready = False
+        self.admitting = 0  # queue places promised to requests whose bodies are still being read
+
+    def check_size(self, size: str | None) -> tuple[int, int] | None:
+        """'WxH' -> (height, width), only for a size the checkpoint was trained on."""
+        if not size:
+            return None
+        w, h = map(int, size.split("x"))
+        if (h, w) not in self.trained_sizes:
+            trained = ", ".join(f"{w}x{h}" for h, w in self.trained_sizes)
+            raise APIError(400, f"size {size} is not a trained size; use one of: {trained}", param="size")
+        return h, w
+
+    def preview_b64(self, latents) -> list[str]:
+        return [image_to_base64(im) for im in decode_latents(self.vae, latents)]
+
+    def load(self, engine: Engine | None = None) -> None:
+        engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
+        self.tokenizer = engine.tokenizer
+        self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
+        self.default_steps = engine.ckpt.config.sampler.steps
+        self.vae = engine.ckpt.vae
+        warm_up(engine)
+        self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
+        self.engine = AsyncEngine(engine, self.metrics)
+        self.engine.start()
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def warm_up(engine: Engine) -> None:
+    """One request of each kind through every path before the server says it is ready."""
+    from PIL import Image
+
+    ids = [engine.add_text(engine.tokenizer("hello").input_ids, SamplingParams(max_tokens=2)),
+           engine.add_caption(Image.new("RGB", (64, 64), "white"), None, SamplingParams(max_tokens=2)),
+           engine.add_image("warm up", steps=1, seed=0)]
+    engine.run(ids)
