@@ -11,8 +11,11 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     attention_backend: str = "torch"
-    kv_cache_memory: int = 64 << 20  # bytes for both towers' KV pools
-    vision_cache_fraction: float = 0.25  # of kv_cache_memory, for image prompts
+    # Bytes for both towers' KV pools; None: kv_cache_fraction of the memory free once the weights are loaded
+    # (at most what max_running requests at full context can fill).
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float | None = None  # None: 0.25 on the CPU (a process shares its RAM), 0.85 on CUDA
+    vision_cache_fraction: float = 0.25  # of the KV budget, for image prompts
     block_size: int = 16
     max_running: int = 64  # text requests decoding at once
     max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
@@ -23,6 +26,12 @@ class EngineConfig:
 
     def __post_init__(self):
         on_cuda = self.device.startswith("cuda")
+        if self.kv_cache_fraction is None:
+            self.kv_cache_fraction = 0.85 if on_cuda else 0.25
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError("kv_cache_fraction must lie in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive (or None: sized from free memory)")
         self.compile_decode = on_cuda if self.compile_decode is None else self.compile_decode
         self.compile_denoise = on_cuda if self.compile_denoise is None else self.compile_denoise
         if not 0.0 < self.vision_cache_fraction < 1.0:

@@ -50,8 +50,7 @@ class Engine(OfflineAPI):
     def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None):
         self.ckpt, self.config = ckpt, config or EngineConfig()
         c = self.config
-        self.runner = ModelRunner(ckpt, backend=c.attention_backend, kv_cache_bytes=c.kv_cache_memory,
-                                  vision_cache_fraction=c.vision_cache_fraction, block_size=c.block_size)
+        self.runner = ModelRunner(ckpt, c)
         if c.compile_decode:
             self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
         if c.compile_denoise:

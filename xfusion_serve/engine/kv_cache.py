@@ -71,7 +71,7 @@ class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str):
         if num_blocks < 1:
-            raise ValueError("the KV cache budget is too small for a single block")
+            raise ValueError("the KV cache budget is too small for a single block of each tower")
         self.block_size = block_size
         # One block more than the allocator hands out: padded rows of a fixed-shape (captured) decode step
         # write their K/V to its first slot, where no request ever reads.
@@ -84,6 +84,15 @@ class KVPool:
     def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         return layers * 2 * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def capacity(self) -> int:
+        """Tokens the pool holds (the scratch block not counted)."""
+        return self.blocks.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, kv_heads, head_dim] into flat slots (block * block_size + offset)."""
         (write_kv_op if torch.compiler.is_compiling() else _write_kv)(self.kv, layer, slots, k, v)
@@ -94,3 +103,34 @@ class KVPool:
     def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes still free for the KV cache once the weights are loaded: the accelerator's free memory, or on the
+    CPU what the OS reports as available (MemAvailable), lowered to the cgroup's limit where one is set."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    try:  # a container's memory limit (cgroup v2) counts, not the host's
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
+def kv_cache_budget(requested: int | None, fraction: float, useful: int, free: int) -> int:
+    """Bytes for both towers' pools: `requested` when given; otherwise `fraction` of the free memory (as vLLM
+    sizes its cache from what the weights leave), but no more than `useful` (what every running request
+    at full context could fill): a small model gets no more than it can use."""
+    if requested is not None:
+        return requested
+    return max(0, min(int(free * fraction), useful))

@@ -3,15 +3,19 @@ or velocities. It owns the KV pools; what goes into them is decided by the sched
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..model.attention import make_backend
 from ..model.checkpoint import Checkpoint
 from ..model.sequence import Segment
 from ..model.xfusion import vision_block_config
-from .kv_cache import KVPool
+from .config import EngineConfig
+from .kv_cache import KVPool, available_memory, kv_cache_budget
 from .paged_attention import DecodeAttention, PrefillAttention, PrefixAttention
 
+log = logging.getLogger(__name__)
 
 # Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly. On the CPU compiling
 # pays only while per-op overhead dominates (benchmarks/bench_engine.py --compile-decode: 1.8x the eager
@@ -24,22 +28,27 @@ def _head_shape(cfg) -> tuple[int, int]:
 
 
 class ModelRunner:
-    def __init__(self, ckpt: Checkpoint, *, backend: str, kv_cache_bytes: int, vision_cache_fraction: float,
-                 block_size: int):
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig):
         self.model = ckpt.model
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.backend = make_backend(backend, self.device)
+        self.backend = make_backend(config.attention_backend, self.device)
         text_cfg = self.model.text_config
         vision_cfg = vision_block_config(text_cfg, self.model.config)
-        layers = text_cfg.num_hidden_layers
+        layers, vision_share = text_cfg.num_hidden_layers, config.vision_cache_fraction
+        per_token = {tower: KVPool.bytes_per_block(layers, *_head_shape(cfg), 1, self.dtype)
+                     for tower, cfg in (("text", text_cfg), ("vision", vision_cfg))}
+        # No more than every running request at full context can fill, split as the towers' shares are.
+        useful = config.max_running * text_cfg.max_position_embeddings * per_token["text"] / (1 - vision_share)
+        budget = kv_cache_budget(config.kv_cache_memory, config.kv_cache_fraction, int(useful),
+                                 available_memory(self.device) if config.kv_cache_memory is None else 0)
         self.pools: dict[str, KVPool] = {}
-        for tower, cfg, share in (("text", text_cfg, 1 - vision_cache_fraction), ("vision", vision_cfg,
-                                                                                  vision_cache_fraction)):
-            heads, dim = _head_shape(cfg)
-            per_block = KVPool.bytes_per_block(layers, heads, dim, block_size, self.dtype)
-            self.pools[tower] = KVPool(layers, heads, dim, int(kv_cache_bytes * share) // per_block, block_size,
-                                       self.dtype, self.device)
+        for tower, share in (("text", 1 - vision_share), ("vision", vision_share)):
+            blocks = int(budget * share) // (per_token[tower] * config.block_size)
+            heads, dim = _head_shape(text_cfg if tower == "text" else vision_cfg)
+            self.pools[tower] = KVPool(layers, heads, dim, blocks, config.block_size, self.dtype, self.device)
+        log.info("KV cache: %s", ", ".join(f"{tower} {pool.capacity:,} tokens ({pool.nbytes / 2**20:,.0f} MiB)"
+                                            for tower, pool in self.pools.items()))
         # An image prompt's K/V: the vision tower's, and with X-Fuse the text tower's too (its queries then
         # read image tokens as well).
         self.prompt_towers = ("vision", "text") if self.model.config.xfuse else ("vision",)

@@ -1,0 +1,208 @@
+"""xfusion-serve against vLLM (CPU build) and llama.cpp's llama-server on the same Llama, through HTTP.
+
+    python benchmarks/bench_peers.py --preset smol-135m                 # builds the model (random weights)
+    python benchmarks/bench_peers.py --checkpoint DIR --servers engine,xfusion   # ours only: in-process vs HTTP
+
+Every server gets the same prompts, greedy, `max_tokens` new tokens each with end-of-sequence ignored (random
+weights make texts short), through streaming `/v1/completions`; tokens are counted from each response's
+usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
+`c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
+inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
+xfusion-serve's engine in this process, with no HTTP: the same waves, for the HTTP overhead.
+Set-up of the peers (first run, minutes): see benchmarks/peers.py. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import peers
+
+PROMPTS = [
+    "The history of the city begins in the early years of the century, when",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "In a small village at the edge of the forest there lived an old clockmaker who",
+    "The three most important ideas in the theory of computation are",
+    "Dear committee, I am writing to ask for a review of the decision made on",
+    "import numpy as np\nimport torch\n\nclass Model(torch.nn.Module):\n",
+    "The recipe calls for two cups of flour, one egg and",
+    "Once the server has started, open a terminal and type",
+]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, out: dict) -> None:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "min_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    stamps, usage = [], None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                stamps.append(time.perf_counter())
+    tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") else len(stamps)
+    out["tokens"] += tokens
+    out["ttft"].append(stamps[0] - start if stamps else float("nan"))
+    out["itl"] += [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+async def http_wave(url: str, concurrency: int, max_tokens: int) -> dict:
+    out = {"tokens": 0, "ttft": [], "itl": []}
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, out)
+                               for i in range(concurrency)))
+        out["seconds"] = time.perf_counter() - start
+    return out
+
+
+class InProcess:
+    """xfusion-serve's engine with no server: the same wave, timed from the engine's events."""
+
+    name, precision = "engine (in-process)", "float32"
+
+    def __init__(self, checkpoint: Path, dtype: str):
+        from xfusion_serve import Engine, EngineConfig
+
+        self.engine = Engine.from_checkpoint(checkpoint, EngineConfig(dtype=dtype))
+        self.precision = dtype
+        import torch
+
+        self.threads = f"torch {torch.get_num_threads()}"
+
+    def wave(self, concurrency: int, max_tokens: int) -> dict:
+        from xfusion_serve import SamplingParams
+
+        engine, tok = self.engine, self.engine.tokenizer
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        ids = {engine.add_text(tok(PROMPTS[i % len(PROMPTS)]).input_ids, params): start for i in range(concurrency)}
+        out, last = {"tokens": 0, "ttft": [], "itl": []}, {}
+        while len(last) < len(ids) or engine.has_work():
+            events = engine.step()
+            now = time.perf_counter()
+            for ev in events:
+                if ev.request_id not in ids or not ev.token_ids:
+                    continue
+                out["tokens"] += len(ev.token_ids)
+                if ev.request_id in last:
+                    out["itl"].append(now - last[ev.request_id])
+                else:
+                    out["ttft"].append(now - start)
+                last[ev.request_id] = now
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+
+def summarize(waves: list[dict]) -> dict:
+    """The median wave by throughput, with its latencies."""
+    best = sorted(waves, key=lambda w: w["tokens"] / w["seconds"])[len(waves) // 2]
+    return {"tok_s": best["tokens"] / best["seconds"], "ttft_ms": 1000 * statistics.median(best["ttft"]),
+            "itl_p50_ms": 1000 * percentile(best["itl"], 0.5), "itl_p99_ms": 1000 * percentile(best["itl"], 0.99),
+            "tokens": best["tokens"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="an X-Fusion checkpoint (its text tower serves the peers)")
+    src.add_argument("--preset", help="build one with benchmarks/make_checkpoint.py (cached), e.g. smol-135m")
+    p.add_argument("--servers", default="engine,xfusion,vllm,llama.cpp")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="float32", help="ours (the peers run float32 / f32 GGUF)")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "xfusion-serve" / "peers")
+    p.add_argument("--xfusion-args", default="", help="extra `xfusion-serve serve` options")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    names = args.servers.split(",")
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        import make_checkpoint
+
+        checkpoint = args.cache / "checkpoints" / args.preset
+        if not (checkpoint / "xfusion_config.json").exists():
+            make_checkpoint.build(args.preset, "tiny", (64, 64), checkpoint)
+    text_dir = checkpoint / "text_tower"
+    print(f"model {checkpoint}; {args.max_tokens} new tokens per request, greedy; waves of {levels}; "
+          f"median of {args.rounds} rounds", flush=True)
+
+    servers, port = {}, 18500
+    for name in names:
+        port += 1
+        if name == "engine":
+            servers[name] = InProcess(checkpoint, args.dtype)
+        elif name == "xfusion":
+            servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split())
+        elif name == "vllm":
+            servers[name] = peers.vllm(args.cache, text_dir, port, max(levels))
+        elif name == "llama.cpp":
+            servers[name] = peers.llama_cpp(args.cache, text_dir, port, max(levels))
+        else:
+            raise SystemExit(f"unknown server {name!r}")
+
+    results: dict[str, dict[int, list]] = {n: {c: [] for c in levels} for n in names}
+    rss: dict[str, int] = {}
+    logs = args.cache / "logs"
+    try:
+        for r in range(args.rounds):
+            for name, server in servers.items():
+                if isinstance(server, peers.Server):
+                    server.start(logs)
+                    asyncio.run(http_wave(server.url, 1, 8))  # warm up
+                for c in levels:
+                    w = server.wave(c, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
+                        http_wave(server.url, c, args.max_tokens))
+                    results[name][c].append(w)
+                    print(f"round {r + 1} {name:>20} c={c:<3} {w['tokens'] / w['seconds']:8.1f} tok/s", flush=True)
+                if isinstance(server, peers.Server):
+                    rss[name] = max(rss.get(name, 0), server.rss())
+                    server.stop()
+    finally:
+        for server in servers.values():
+            if isinstance(server, peers.Server):
+                server.stop()
+
+    figures = {n: {c: summarize(results[n][c]) for c in levels} for n in names}
+    print("\nserver               precision  threads                          c   tok/s  TTFT ms  ITL p50  ITL p99"
+          "  RSS MiB")
+    for name, server in servers.items():
+        for c in levels:
+            f = figures[name][c]
+            mem = f"{rss[name] / 2**20:8.0f}" if name in rss else "       -"
+            print(f"{name:<20} {server.precision:<10} {server.threads[:30]:<30} {c:>3} {f['tok_s']:7.1f} "
+                  f"{f['ttft_ms']:8.1f} {f['itl_p50_ms']:8.1f} {f['itl_p99_ms']:8.1f} {mem}")
+    ours = "xfusion" if "xfusion" in names else "engine"
+    for peer in [n for n in names if n != ours]:
+        ratios = "  ".join(f"c={c}: {figures[ours][c]['tok_s'] / figures[peer][c]['tok_s']:.2f}x" for c in levels)
+        print(f"{ours} / {peer} (tok/s): {ratios}")
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures, "rss": rss}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
