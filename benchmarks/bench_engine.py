@@ -62,9 +62,8 @@ def static_loop(model, prompt: list[int], tokens: int) -> list[int]:
         end = int(pos[-1]) + 1
         for i, block in enumerate(layers):
             x = block.input_layernorm(h)
-            k, v = block.self_attn.kv(x, cos, sin)
+            q, k, v = block.self_attn.project(x, cos, sin)
             cache[i, 0, :, pos], cache[i, 1, :, pos] = k, v
-            q = block.self_attn.q(x, cos, sin)
             a = F.scaled_dot_product_attention(q, cache[i, 0, :, :end], cache[i, 1, :, :end],
                                                is_causal=len(pos) > 1, enable_gqa=True)
             h = block.finish(h, a.transpose(0, 1))

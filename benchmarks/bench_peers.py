@@ -4,7 +4,7 @@
     python benchmarks/bench_peers.py --checkpoint DIR --servers engine,xfusion   # ours only: in-process vs HTTP
 
 Every server gets the same prompts, greedy, `max_tokens` new tokens each with end-of-sequence ignored (random
-weights make texts short), through streaming `/v1/completions`; tokens are counted from each response's
+weights make texts short; each server takes `ignore_eos`), through streaming `/v1/completions`; tokens are counted from each response's
 usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
@@ -44,7 +44,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, out: dict) -> None:
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "min_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     stamps, usage = [], None
     async with client.stream("POST", "/v1/completions", json=body) as r:

@@ -175,7 +175,8 @@ def llama_server_binary(cache: Path) -> Path:
 def gguf_f32(cache: Path, text_dir: Path) -> Path:
     """The text tower as an f32 GGUF, by llama.cpp's own converter (run with this Python: it needs torch,
     numpy and transformers, and takes the gguf package from the sources). Our benchmark tokenizers are
-    byte-level BPE with GPT-2's pre-tokenizer, which the converter does not know by hash: it is told."""
+    byte-level BPE with GPT-2's pre-tokenizer, which the converter knows by no hash and would look for a
+    sentencepiece model first: it is told both."""
     weights = sorted(text_dir.glob("*.safetensors"))
     key = hashlib.sha256(b"".join(p.name.encode() + str(p.stat().st_size).encode() + str(p.stat().st_mtime_ns)
                                   .encode() for p in weights)).hexdigest()[:16]
@@ -183,12 +184,11 @@ def gguf_f32(cache: Path, text_dir: Path) -> Path:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         root = llama_cpp_sources(cache)
-        script = ("import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]);"
-                  "import convert_hf_to_gguf as c;"
-                  "c.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt2';"
-                  "c.main()")
-        run([sys.executable, "-c", script, root / "convert_hf_to_gguf.py", text_dir, "--outtype", "f32",
-             "--outfile", out], cache / "gguf-convert.log")
+        script = ("import sys; root = sys.argv[1]; sys.argv = [root + '/convert_hf_to_gguf.py'] + sys.argv[2:];"
+                  "sys.path.insert(0, root); import convert_hf_to_gguf as c; from conversion import base, llama;"
+                  "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2';"
+                  "llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2(); c.main()")
+        run([sys.executable, "-c", script, root, text_dir, "--outtype", "f32", "--outfile", out], cache / "gguf-convert.log")
     return out
 
 

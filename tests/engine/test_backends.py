@@ -55,9 +55,13 @@ def test_flash_attn_decode_is_one_op_in_a_whole_compiled_graph(monkeypatch):
     tables = torch.tensor([[1, 2], [3, 0], [4, 5]], dtype=torch.int32)  # ragged: the second uses one block
     seq_lens = torch.tensor([7, 3, 8], dtype=torch.int32)
 
-    def step(q, kv, tables, seq_lens):
-        return flash.decode(q, kv, flash.prepare_decode(tables, seq_lens, 4))
+    def step(q, kv, tables, seq_lens):  # flash-attn reads the new token's K/V from the cache
+        return flash.decode(q, kv, flash.prepare_decode(tables, seq_lens, 4), None, None)
 
     out = torch.compile(step, fullgraph=True)(q, kv, tables, seq_lens)  # fullgraph: a graph break raises
-    expected = torch_backend.decode(q, kv, torch_backend.prepare_decode(tables.long(), seq_lens.long(), 4))
+    # The torch backend takes the new token's K/V as arguments: here, what sits at position seq_len - 1.
+    last = [kv[:, t[(n - 1) // 4], (n - 1) % 4] for t, n in zip(tables.long(), seq_lens.tolist())]
+    k_new, v_new = torch.stack(last, 1)
+    expected = torch_backend.decode(q, kv, torch_backend.prepare_decode(tables.long(), seq_lens.long(), 4), k_new,
+                                    v_new)
     torch.testing.assert_close(out, expected)

@@ -134,14 +134,16 @@ def test_the_compiled_denoising_step_gives_the_same_latents(random_checkpoint_di
 
 
 def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
-    """`compile_decode` (CUDA graphs on GPU) on the CPU: fixed shapes, a batch of 3 padded to 4 whose padded
-    row writes to the scratch slot, then a batch of 1; the tokens are the eager engine's."""
+    """`compile_decode` on the CPU: one graph for a single sequence and one for any batch, the table width a
+    dynamic size, compiled at start-up; batches of 3, 4 and 1 whose tables grow from 2 to 8 blocks give the
+    eager engine's tokens, with no compilation on a request's time."""
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    eager = run_text(make_engine(random_checkpoint_dir), PROMPTS[:3], params)
+    eager = run_text(make_engine(random_checkpoint_dir), PROMPTS, params)
     compiled = make_engine(random_checkpoint_dir, compile_decode=True)
     with torch._dynamo.config.patch(error_on_recompile=True):  # every size was compiled at start-up
-        assert run_text(compiled, PROMPTS[:3], params) == eager
-        assert run_text(compiled, PROMPTS[:1], params) == eager[:1]
+        assert run_text(compiled, PROMPTS[:3], params) == eager[:3]
+        assert run_text(compiled, PROMPTS, params) == eager
+        assert run_text(compiled, PROMPTS[2:3], params) == eager[2:3]
     assert_all_free(compiled)
 
 

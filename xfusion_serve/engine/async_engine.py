@@ -148,12 +148,15 @@ class AsyncEngine:
                 self.metrics.observe(self.engine, events, before)
             except Exception:  # noqa: BLE001
                 log.exception("metrics update failed")
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for ev in events:
             sub = self._streams.get(ev.request_id)
             if sub is not None:
-                self._deliver(sub, ev)
+                by_loop.setdefault(sub.loop, []).append((sub.events, ev))
                 if ev.kind == "done":
                     self._streams.pop(ev.request_id, None)
+        for loop, batch in by_loop.items():  # one wake-up of the event loop per step, not one per event
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, message: str) -> None:
         """The engine is gone: every request streaming or still in the inbox ends with an error."""
@@ -172,6 +175,11 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self.running and self._thread.is_alive()
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:
+    for events, ev in batch:
+        events.put_nowait(ev)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

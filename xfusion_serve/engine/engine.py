@@ -18,7 +18,7 @@ from PIL import Image
 from ..model import prompts
 from ..model.checkpoint import Checkpoint, load_checkpoint
 from ..model.latents import decode_latents, encode_images
-from .config import EngineConfig
+from .config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
 from .detokenizer import detokenize, find_stop, safe_length
 from .flow_matching import flow_sigmas, guided, initial_noise
 from .offline import OfflineAPI
@@ -51,6 +51,8 @@ class Engine(OfflineAPI):
         self.ckpt, self.config = ckpt, config or EngineConfig()
         c = self.config
         self.runner = ModelRunner(ckpt, c)
+        if c.compile_decode is None:
+            c.compile_decode = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
         if c.compile_decode:
             self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
         if c.compile_denoise:

@@ -39,18 +39,29 @@ class PrefillAttention:
 
 
 class DecodeAttention:
-    """One text token per sequence: its K/V go to the cache, its query reads the whole cached sequence."""
+    """One text token per sequence: its query reads the sequence's cached tokens and its own K/V. Those K/V
+    are written to the cache by `write_new_kv()` once the step is done (or before attending, for a backend
+    whose kernel reads them from the cache)."""
 
     def __init__(self, backend: TorchBackend, pool: KVPool, slots, block_tables, seq_lens):
         self.backend, self.pool, self.slots = backend, pool, slots
         self.meta = backend.prepare_decode(block_tables, seq_lens, pool.block_size)
+        self.new_kv: list[torch.Tensor] = []  # per layer [2, B, kv_heads, head_dim], not yet written
 
     def keeps(self, tower: str) -> bool:
         return tower == "text"
 
     def __call__(self, tower, layer, q, k, v):
-        self.pool.write(layer, self.slots, _token_major(k), _token_major(v))
-        return self.backend.decode(_token_major(q), self.pool.kv[layer], self.meta)
+        k, v = _token_major(k), _token_major(v)
+        if self.backend.reads_new_kv_from_cache:
+            self.pool.write(layer, self.slots, k, v)
+        else:
+            self.new_kv.append(torch.stack([k, v]))
+        return self.backend.decode(_token_major(q), self.pool.kv[layer], self.meta, k, v)
+
+    def pending(self) -> torch.Tensor | None:
+        """Every layer's new K/V still to be written: [layers, 2, B, kv_heads, head_dim], or None."""
+        return torch.stack(self.new_kv) if self.new_kv else None
 
 
 class PrefixAttention:

@@ -17,10 +17,8 @@ from .paged_attention import DecodeAttention, PrefillAttention, PrefixAttention
 
 log = logging.getLogger(__name__)
 
-# Batch sizes a compiled decode step is specialised for; a larger batch runs eagerly. On the CPU compiling
-# pays only while per-op overhead dominates (benchmarks/bench_engine.py --compile-decode: 1.8x the eager
-# step at one request, slower at 16, where the fixed-width tables cost more than the overhead saved).
-DECODE_BATCHES = {"cuda": (1, 2, 4, 8, 16, 32, 64), "cpu": (1, 2, 4)}
+# Batch sizes a decode step is recorded for as CUDA graphs; a larger batch runs eagerly.
+CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _head_shape(cfg) -> tuple[int, int]:
@@ -29,7 +27,7 @@ def _head_shape(cfg) -> tuple[int, int]:
 
 class ModelRunner:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig):
-        self.model = ckpt.model
+        self.model = ckpt.model.fuse_projections()  # one matrix multiply for q/k/v, one for gate/up
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.backend = make_backend(config.attention_backend, self.device)
@@ -90,52 +88,68 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, last_tokens: list[int], lengths: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One new token per sequence at position length - 1 -> logits [B, V]."""
+        """One new token per sequence at position length - 1 -> logits [B, V]. Its K/V are written to the
+        cache after the step (or by the step, for a backend that reads them from the cache)."""
         pool = self.pools["text"]
         slots = [pool.slots(t, n - 1, n)[0] for t, n in zip(block_tables, lengths)]
         B = len(lengths)
-        if self.captured is None or B > self.captured_batches[-1]:
-            # One host-to-device copy for everything per token (a decode step is mostly such overhead).
-            tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
-            return self._decode_step(tokens, seq_lens, slots, positions, self._tables(block_tables))
-        # Fixed shapes, so that a graph captured once per batch size replays: the batch padded to the next
-        # captured size (padded rows write to the scratch slot, their logits are dropped), every table to
-        # the longest a sequence can have (kernels read only up to each sequence's length).
-        pad = next(b for b in self.captured_batches if b >= B) - B
-        tokens, seq_lens, slots, positions = self._tensor([last_tokens + [0] * pad, lengths + [1] * pad,
-                                                           slots + [pool.scratch_slot] * pad,
-                                                           [n - 1 for n in lengths] + [0] * pad])
-        return self.captured(tokens, seq_lens, slots, positions,
-                             self._tables(block_tables + [[]] * pad, self.table_width))[:B]
+        if self.captured is not None and self.captured_batches and B <= self.captured_batches[-1]:
+            # CUDA graphs replay fixed shapes: the batch padded to the next recorded size (padded rows write to
+            # the scratch slot, their logits are dropped), every table to the longest a sequence can have.
+            pad = next(b for b in self.captured_batches if b >= B) - B
+            logits = self._step(self.captured, last_tokens + [0] * pad, lengths + [1] * pad,
+                                slots + [pool.scratch_slot] * pad, block_tables + [[]] * pad, self.table_width)
+            return logits[:B]
+        step = self.captured if self.captured is not None and not self.captured_batches else self._decode_step
+        return self._step(step, last_tokens, lengths, slots, block_tables)
 
-    def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> torch.Tensor:
+    def _step(self, step, last_tokens, lengths, slots, block_tables, width: int = 0) -> torch.Tensor:
+        """Runs a decode step (eager or compiled) and writes the new K/V it returns."""
+        # One host-to-device copy for everything per token (a decode step is mostly such overhead).
+        tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
+        tables = self._tables(block_tables, width or max(2, max(map(len, block_tables))))
+        if step is self.captured and not self.captured_batches:  # rows and table width: sizes of one CPU graph
+            for x in (tokens, seq_lens, slots, positions, tables) if len(lengths) > 1 else ():
+                torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(tables, 1)
+        logits, new_kv = step(tokens, seq_lens, slots, positions, tables)
+        if new_kv is not None:
+            self.pools["text"].write_all_layers(slots, new_kv)
+        return logits
+
+    def _decode_step(self, tokens, seq_lens, slots, positions, tables) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> logits [B, V] and the new K/V of every layer still to be written (None if written already)."""
         attn = DecodeAttention(self.backend, self.pools["text"], slots, tables, seq_lens)
         h = self.model.text_forward(self.model.text.model.embed_tokens(tokens), positions, attn)
-        return self.model.text.logits(h)
+        return self.model.text.logits(h), attn.pending()
 
     def compile_decode(self, max_model_len: int) -> None:
-        """torch.compile the decode step: on CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs, one
-        per batch size of DECODE_BATCHES; on the CPU plain compilation of the same fixed shapes, for the small
-        batches where it pays. Every size is compiled here, not on a request's time."""
+        """torch.compile the decode step. On CUDA in "reduce-overhead" mode, i.e. replayed as CUDA graphs: one
+        per batch size of CUDA_GRAPH_BATCHES (a batch is padded to the next; padded rows write to the scratch
+        slot), every table padded to the longest a sequence can have. On the CPU two graphs, one for a single
+        sequence and one for any batch, with the table width a dynamic size (tables padded to at least two
+        blocks, so that it never specialises as 1). Compiled here, not on a request's time."""
         pool = self.pools["text"]
-        torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
-        self.table_width = pool.blocks_needed(max_model_len)
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.captured = torch.compile(self._decode_step, mode=mode, dynamic=False)
-        self.captured_batches = DECODE_BATCHES["cuda" if self.device.type == "cuda" else "cpu"]
+        if self.device.type == "cuda":
+            torch._dynamo.mark_static_address(pool.kv)  # written in place by every replay: a fixed address
+            self.table_width = pool.blocks_needed(max_model_len)
+            self.captured = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False)
+            self.captured_batches = CUDA_GRAPH_BATCHES
+        else:
+            # Guards on the model's parameters cost about a millisecond a step; they never change after load.
+            self.captured = torch.compile(self._decode_step, dynamic=False, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.capture_graphs()
 
     @torch.no_grad()
     def capture_graphs(self) -> None:
-        """Runs the compiled decode step at every batch size (rows of padding only). CUDA graphs belong to the
-        thread that records them, at a shape's second run: whoever steps the engine from another thread (the
-        server) calls this there before the first request."""
-        pool = self.pools["text"]
-        for b in self.captured_batches:
-            ones = self._tensor([1] * b)
+        """Runs the compiled decode step at every shape it is compiled for, on rows of padding (they write to the
+        scratch slot). CUDA graphs belong to the thread that records them, at a shape's second run: whoever
+        steps the engine from another thread (the server) calls this there before the first request."""
+        scratch = self.pools["text"].scratch_slot
+        for b in self.captured_batches or (1, 2):
             for _ in range(2 if self.device.type == "cuda" else 1):
-                self.captured(ones * 0, ones, ones * pool.scratch_slot, ones * 0,
-                              self._tables([[]] * b, self.table_width))
+                self._step(self.captured, [0] * b, [1] * b, [scratch] * b, [[]] * b, self.table_width)
 
     @torch.no_grad()
     def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> int:

@@ -42,17 +42,24 @@ class TorchBackend:
         k, v = kv_cache[:, block_tables].flatten(2, 3).transpose(2, 3)
         return k, v
 
-    def prepare_decode(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
-        """What every layer of one decode step shares, built once per step."""
-        seen = torch.arange(block_tables.shape[1] * block_size, device=seq_lens.device) < seq_lens[:, None]
-        return block_tables, seen[:, None, None]
+    # Decode reads the cached tokens from the pool and the new token's K/V from its arguments, so that the step
+    # writes nothing into the pool (one write for every layer after it: a compiled step stays free of
+    # mutation). Kernels that read the new token from the pool (triton, flash-attn) need it written first.
+    reads_new_kv_from_cache = False
 
-    def decode(self, q, kv_cache, meta) -> torch.Tensor:
-        """q [B, Hq, d] over the first seq_lens cached tokens of each sequence -> [B, Hq, d].
+    def prepare_decode(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+        """What every layer of one decode step shares, built once per step: the tables and a mask [B, 1, 1,
+        M*bs + 1] over the cached tokens before the new one, and the new one."""
+        cached = torch.arange(block_tables.shape[1] * block_size, device=seq_lens.device) < seq_lens[:, None] - 1
+        return block_tables, torch.cat([cached, cached.new_ones(len(seq_lens), 1)], 1)[:, None, None]
+
+    def decode(self, q, kv_cache, meta, k, v) -> torch.Tensor:
+        """q [B, Hq, d] over each sequence's seq_lens - 1 cached tokens and its new k, v [B, Hkv, d] -> [B, Hq, d].
         kv_cache: one layer's [2, blocks, bs, Hkv, d], keys and values gathered in one indexing."""
         block_tables, mask = meta
-        k, v = self.gather(kv_cache, block_tables)
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+        cached_k, cached_v = self.gather(kv_cache, block_tables)
+        keys, values = torch.cat([cached_k, k[:, :, None]], 2), torch.cat([cached_v, v[:, :, None]], 2)
+        return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
     def prefix(self, q, k, v, prompt_k, prompt_v, mask: torch.Tensor) -> torch.Tensor:
         """q [R, N, Hq, d], k/v [R, N, Hkv, d]: each row sees its cached prompt and all N of its own tokens."""
@@ -75,10 +82,12 @@ class TritonBackend(TorchBackend):
         cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
         return self.k.prefill_attention(q, k, v, cu, image_ids.to(torch.int32))
 
+    reads_new_kv_from_cache = True
+
     def prepare_decode(self, block_tables, seq_lens, block_size):
         return block_tables.to(torch.int32), seq_lens.to(torch.int32)
 
-    def decode(self, q, kv_cache, meta):
+    def decode(self, q, kv_cache, meta, k, v):
         return self.k.paged_decode_attention(q, kv_cache[0], kv_cache[1], *meta)
 
 
@@ -119,10 +128,12 @@ class FlashAttnBackend(TorchBackend):
         longest = max(e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         return self.varlen(q, k, v, cu, cu, longest, longest, causal=True)
 
+    reads_new_kv_from_cache = True
+
     def prepare_decode(self, block_tables, seq_lens, block_size):
         return block_tables.to(torch.int32), seq_lens.to(torch.int32)
 
-    def decode(self, q, kv_cache, meta):
+    def decode(self, q, kv_cache, meta, k, v):
         block_tables, seq_lens = meta
         return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], seq_lens, block_tables)[:, 0]
 

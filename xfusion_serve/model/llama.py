@@ -74,16 +74,46 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+        self.qkv_weight: torch.Tensor | None = None  # q, k and v in one weight, once fuse() has run
+        self.qkv_bias: torch.Tensor | None = None
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.unflatten(-1, (heads, self.head_dim)).transpose(-2, -3)
 
-    def q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return apply_rope(self._split(self.q_proj(x), self.heads), cos, sin)
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                need_q: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x [..., T, hidden] -> q [..., heads, T, head_dim] (None unless need_q), k and v [..., kv_heads, T,
+        head_dim], RoPE applied to q and k. One matrix multiply once `fuse()` has run."""
+        if need_q and self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x) if need_q else None, self.k_proj(x), self.v_proj(x)
+        q = apply_rope(self._split(q, self.heads), cos, sin) if need_q else None
+        return q, apply_rope(self._split(k, self.kv_heads), cos, sin), self._split(v, self.kv_heads)
 
-    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = apply_rope(self._split(self.k_proj(x), self.kv_heads), cos, sin)
-        return k, self._split(self.v_proj(x), self.kv_heads)
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """For inference: q, k and v projections in one weight, the three parameters becoming views into it (they
+        keep their names, no memory is added). Call it after the last move to a device or dtype, and never for
+        training: the views share one storage."""
+        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenates the weights (and biases) of linears that read the same input along their outputs, and
+    makes each linear's parameters views into the result. -> (weight, bias or None)."""
+    def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
+        whole, start = torch.cat([t.detach() for t in tensors]), 0
+        for lin, t in zip(linears, tensors):
+            view = nn.Parameter(whole[start : start + len(t)], requires_grad=False)
+            setattr(lin, "weight" if t is lin.weight else "bias", view)
+            start += len(t)
+        return whole
+
+    weight = fused([lin.weight for lin in linears])
+    bias = fused([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    return weight, bias
 
 
 class MLP(nn.Module):
@@ -92,9 +122,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_weight: torch.Tensor | None = None  # gate and up in one weight, once fuse() has run
+        self.gate_up_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """For inference: gate and up projections in one weight (see Attention.fuse)."""
+        self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
 
 
 class Block(nn.Module):

@@ -209,14 +209,21 @@ class XFusionModel(nn.Module):
         """One block over the tokens, returning only the rows whose queries it serves: [N_rows, D]
         (rows None: every token, in h's own shape)."""
         x = block.input_layernorm(h)
-        k, v = block.self_attn.kv(x, cos, sin)
         if rows is not None and not rows.any():  # keys/values for later queries only (an image prompt's)
-            attention(tower, layer, None, k, v)
+            attention(tower, layer, None, *block.self_attn.project(x, cos, sin, need_q=False)[1:])
             return None
-        attn = attention(tower, layer, block.self_attn.q(x, cos, sin), k, v)
+        attn = attention(tower, layer, *block.self_attn.project(x, cos, sin))
         if rows is None:
             return block.finish(h, attn)
         return block.finish(h[rows], attn[rows])
+
+    def fuse_projections(self) -> "XFusionModel":
+        """For inference: every block's q/k/v and gate/up projections as one matrix multiply each (see
+        Attention.fuse). Same parameters, same names, no added memory."""
+        for block in [*self.text.model.layers, *self.vision.layers]:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        return self
 
     def requires_grad_vision_only(self) -> "XFusionModel":
         self.text.requires_grad_(False)
