@@ -1,9 +1,10 @@
 """Engine throughput against its baselines, on the same weights in one run (not a test: it prints figures).
 
-    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20]
-        [--compile-decode] [--compile-denoise] [--startup-only]
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--tokens 64] [--steps 20] [--repeats 3]
+        [--compile-decode] [--compile-denoise] [--startup-only] [--only chat|images] [--profile]
 
-Every figure is the best of three runs.
+Every figure is the best of `--repeats` runs. `--profile` prints where one denoising step of 8 requests spends
+its time (torch.profiler). A real model shape: benchmarks/make_checkpoint.py.
 
 chat tok/s at 1 and 16 concurrent requests:
     engine            continuous batching, paged KV cache
@@ -97,37 +98,53 @@ def main() -> None:
         p.add_argument(f"--compile-{step}", action=argparse.BooleanOptionalAction,
                        help=f"torch.compile the engine's {step} step (default: on CUDA only, as the server)")
     p.add_argument("--startup-only", action="store_true", help="print the engine's start-up time and stop")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (the best is kept)")
+    p.add_argument("--only", choices=["chat", "images"], help="one half of the benchmark")
+    p.add_argument("--profile", action="store_true", help="also profile one denoising step of 8 requests")
     args = p.parse_args()
     start = time.perf_counter()
     engine = Engine.from_checkpoint(args.checkpoint, EngineConfig(compile_decode=args.compile_decode,
                                                                     compile_denoise=args.compile_denoise))
     startup = time.perf_counter() - start
-    model, tok, config = engine.ckpt.model, engine.tokenizer, engine.config
+    config = engine.config
     hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=torch.float32).eval()
-    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     print(f"checkpoint {args.checkpoint}  torch threads {torch.get_num_threads()}  "
           f"compile_decode {config.compile_decode}  compile_denoise {config.compile_denoise}  "
           f"engine start-up {startup:.1f} s (compiling included)")
     if args.startup_only:
         return
     engine.complete(["warm up"], SamplingParams(max_tokens=4))
+    if args.only != "images":
+        chat(engine, hf, args)
+    if args.only != "chat":
+        images(engine, args)
 
+
+def chat(engine: Engine, hf, args) -> None:
+    model, repeats = engine.ckpt.model, args.repeats
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     print(f"\nchat, {args.tokens} new tokens per request (tok/s)")
     for n in (1, 16):
         batch = chat_ids(engine, n)
-        t_engine = timed(lambda: engine.run([engine.add_text(ids, params) for ids in batch]))
+        t_engine = timed(lambda: engine.run([engine.add_text(ids, params) for ids in batch]), repeats)
         t_hf = timed(lambda: [hf.generate(torch.tensor([ids]), max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                          do_sample=False) for ids in batch])
-        t_loop = timed(lambda: [static_loop(model, ids, args.tokens) for ids in batch])
+                                          do_sample=False) for ids in batch], repeats)
+        t_loop = timed(lambda: [static_loop(model, ids, args.tokens) for ids in batch], repeats)
         total = n * args.tokens
         print(f"  {n:>2} concurrent: engine {total / t_engine:8.1f}   transformers {total / t_hf:8.1f}   "
               f"static loop {total / t_loop:8.1f}   engine/transformers {t_hf / t_engine:5.2f}x")
 
+
+
+def images(engine: Engine, args) -> None:
+    model, tok, repeats = engine.ckpt.model, engine.tokenizer, args.repeats
     h, w = engine.ckpt.config.image_sizes[0]
     vae = model.vae_info
     shape = (vae.latent_channels, h // vae.downsample, w // vae.downsample)
     s = engine.ckpt.config.sampler
-    print(f"\nimages, {args.steps} steps, guidance {s.guidance_scale} (images/s, VAE decode included)")
+    tokens = shape[1] * shape[2] // engine.ckpt.config.patch_size ** 2
+    print(f"\nimages, {w}x{h} ({tokens} image tokens), {args.steps} steps, guidance {s.guidance_scale} "
+          f"(images/s, VAE decode included)")
     for n in (1, 8):
         texts, seeds = [f"a small red circle at the top left {i}" for i in range(n)], list(range(n))
 
@@ -137,10 +154,27 @@ def main() -> None:
                 engine.step()
             return ids
 
-        t_engine = timed(run_engine)
-        t_naive = timed(lambda: naive_images(model, engine.ckpt.vae, tok, texts, seeds, args.steps, s.guidance_scale, s.shift, shape))
+        t_engine = timed(run_engine, repeats)
+        t_naive = timed(lambda: naive_images(model, engine.ckpt.vae, tok, texts, seeds, args.steps, s.guidance_scale,
+                                             s.shift, shape), repeats)
         print(f"  {n:>2} concurrent: engine {n / t_engine:8.2f}   naive {n / t_naive:8.2f}   "
               f"engine/naive {t_naive / t_engine:5.2f}x")
+    if args.profile:
+        profile_denoising(engine, args.steps)
+
+
+def profile_denoising(engine: Engine, steps: int, n: int = 8) -> None:
+    """One engine step while 8 image requests denoise together (their prompts already cached)."""
+    from torch.profiler import profile
+
+    ids = [engine.add_image(f"a large blue square at the bottom {i}", seed=i, steps=steps) for i in range(n)]
+    engine.step()
+    engine.step()
+    with profile() as prof:
+        engine.step()
+    print(f"\none denoising step, {n} requests (CFG: {2 * n} rows)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    engine.run(ids)
 
 
 if __name__ == "__main__":

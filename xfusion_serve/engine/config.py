@@ -28,6 +28,11 @@ class EngineConfig:
     # step's time is the model's; for the demo's the start-up time would not pay), the denoising step not.
     compile_decode: bool | None = None
     compile_denoise: bool | None = None
+    # The project's float32 matrix multiply for few rows (kernels/xfusion_kernels/cpu_linear.cpp), built for
+    # this CPU at start-up (about 40 s; cached by torch after the first time). None: on for float32 on the CPU
+    # for a text tower of COMPILE_DECODE_ON_CPU_FROM parameters or more; where it cannot be built (no C++
+    # compiler) the engine uses torch's linear.
+    cpu_kernels: bool | None = None
 
     def __post_init__(self):
         on_cuda = self.device.startswith("cuda")
@@ -37,6 +42,10 @@ class EngineConfig:
             raise ValueError("kv_cache_fraction must lie in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive (or None: sized from free memory)")
+        if self.cpu_kernels is None and (self.device != "cpu" or self.dtype != "float32"):
+            self.cpu_kernels = False  # on the CPU in float32 the engine decides from the model's size
+        if self.cpu_kernels and (self.device != "cpu" or self.dtype != "float32"):
+            raise ValueError("cpu_kernels needs device cpu and dtype float32")
         if on_cuda and self.compile_decode is None:
             self.compile_decode = True  # on the CPU the engine decides from the model's size
         self.compile_denoise = on_cuda if self.compile_denoise is None else self.compile_denoise

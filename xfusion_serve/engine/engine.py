@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,11 +49,13 @@ class Engine(OfflineAPI):
     Not thread-safe: one thread steps it (the server's AsyncEngine, or the offline API's `run`)."""
 
     def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None):
-        self.ckpt, self.config = ckpt, config or EngineConfig()
-        c = self.config
+        c = config or EngineConfig()
+        # What the config leaves to the model's size: a large model pays a start-up compile back quickly.
+        large = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
+        c = replace(c, compile_decode=large if c.compile_decode is None else c.compile_decode,
+                    cpu_kernels=large if c.cpu_kernels is None else c.cpu_kernels)
+        self.ckpt, self.config = ckpt, c
         self.runner = ModelRunner(ckpt, c)
-        if c.compile_decode is None:
-            c.compile_decode = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
         if c.compile_decode:
             self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
         if c.compile_denoise:

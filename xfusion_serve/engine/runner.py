@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from xfusion_kernels.cpu import cpu_linear
 
 from ..model.attention import make_backend
 from ..model.checkpoint import Checkpoint
@@ -28,6 +29,9 @@ def _head_shape(cfg) -> tuple[int, int]:
 class ModelRunner:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig):
         self.model = ckpt.model.fuse_projections()  # one matrix multiply for q/k/v, one for gate/up
+        if config.cpu_kernels:
+            if (op := cpu_linear()) is not None:
+                self.model.use_matmul(op)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.backend = make_backend(config.attention_backend, self.device)

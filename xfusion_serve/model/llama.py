@@ -76,6 +76,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
         self.qkv_weight: torch.Tensor | None = None  # q, k and v in one weight, once fuse() has run
         self.qkv_bias: torch.Tensor | None = None
+        self.matmul = F.linear  # (x, weight, bias) -> x @ weight.T + bias; an engine may set a kernel of its own
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.unflatten(-1, (heads, self.head_dim)).transpose(-2, -3)
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         """x [..., T, hidden] -> q [..., heads, T, head_dim] (None unless need_q), k and v [..., kv_heads, T,
         head_dim], RoPE applied to q and k. One matrix multiply once `fuse()` has run."""
         if need_q and self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+            q, k, v = self.matmul(x, self.qkv_weight, self.qkv_bias).split(
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q_proj(x) if need_q else None, self.k_proj(x), self.v_proj(x)
@@ -124,13 +125,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.gate_up_weight: torch.Tensor | None = None  # gate and up in one weight, once fuse() has run
         self.gate_up_bias: torch.Tensor | None = None
+        self.matmul = F.linear  # as Attention.matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+            gate, up = self.matmul(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.matmul(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -153,7 +155,8 @@ class Block(nn.Module):
 
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after attention ([..., heads, head_dim] flattened) and the MLP."""
-        h = h + self.self_attn.o_proj(attn.flatten(-2))
+        o_proj = self.self_attn.o_proj
+        h = h + self.self_attn.matmul(attn.flatten(-2), o_proj.weight, o_proj.bias)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -174,7 +177,8 @@ class TextTower(nn.Module):
         self.tied = bool(cfg.tie_word_embeddings)
         if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.matmul = F.linear  # as Attention.matmul
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return F.linear(self.model.norm(h), weight)
+        return self.matmul(self.model.norm(h), weight)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from .config import VAEInfo, XFusionConfig
-from .llama import Block, RMSNorm, Rotary, TextTower
+from .llama import MLP, Attention, Block, RMSNorm, Rotary, TextTower
 from .sequence import AttentionFn, ImageSegment, Segment, SequenceInputs
 
 
@@ -223,6 +223,14 @@ class XFusionModel(nn.Module):
         for block in [*self.text.model.layers, *self.vision.layers]:
             block.self_attn.fuse()
             block.mlp.fuse()
+        return self
+
+    def use_matmul(self, matmul) -> "XFusionModel":
+        """Every matrix multiply of both towers' blocks and of the LM head through `matmul(x, weight, bias)`
+        (same result as F.linear, to float rounding): a kernel of the engine's. Default F.linear."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP, TextTower)):
+                module.matmul = matmul
         return self
 
     def requires_grad_vision_only(self) -> "XFusionModel":
