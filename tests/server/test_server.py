@@ -247,3 +247,15 @@ def test_streams_send_previews_and_end_failures_with_an_error_event(client, monk
     events = sse_events(client.post("/v1/chat", json=body))
     assert events[-1] == "[DONE]" and "boom mid-stream" in events[-2]["error"]["message"]
     assert calls["n"] == 3  # it failed mid-way, after two decode steps had streamed
+
+
+@pytest.mark.parametrize("auth, status", [
+    ("Bearer secret-key", 200), ("bearer secret-key", 200),
+    ("Bearer secret", 401), ("Bearer secret-key-and-more", 401), ("Bearer secret-ke", 401),
+    ("Bearer SECRET-KEY", 401), ("Bearer other", 200), ("secret-key", 401), ("Bearer ", 401), (None, 401),
+])
+def test_api_keys_match_whole(auth, status):
+    """A key that is a prefix or an extension of a real one is a wrong key; either of two keys is right."""
+    client = TestClient(create_app(ServerConfig(api_keys=["secret-key", "other"])))  # no lifespan: no model
+    r = client.get("/v1/models", headers={"Authorization": auth} if auth else {})
+    assert r.status_code == status, r.text

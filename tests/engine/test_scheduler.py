@@ -1,0 +1,46 @@
+"""The scheduler's bookkeeping: a cancelled waiting request never runs, the unconditional prompt stays
+pinned and a request's own negative prompt does not."""
+
+from __future__ import annotations
+
+from test_engine import assert_all_free, make_engine
+
+from xfusion_serve import SamplingParams
+from xfusion_serve.model import prompts
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once_and_is_never_prefilled(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir, max_running=1)
+    prefilled = []
+    engine.fault_hook = lambda phase, reqs: prefilled.extend(r.id for r in reqs) if phase == "prefill" else None
+    running = engine.add_text([2, 7, 9], SamplingParams(max_tokens=6, ignore_eos=True))
+    waiting = engine.add_text([2, 8, 10], SamplingParams(max_tokens=6, ignore_eos=True))
+    after = engine.add_text([2, 11], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # the first one runs; the other two wait for its place
+    assert [r.id for r in engine.scheduler.waiting] == [waiting, after]
+    engine.cancel(waiting)
+    assert [r.id for r in engine.scheduler.waiting] == [after]  # at once, not at the next step
+    done = engine.run([running, after])
+    assert waiting not in prefilled and {running, after} <= set(prefilled) and set(done) == {running, after}
+    assert_all_free(engine)
+
+
+def test_only_the_unconditional_prompt_stays_pinned(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    empty = tuple(prompts.generation_prompt(engine.tokenizer, ""))
+    first = engine.requests[engine.add_image("a red circle", negative_prompt="blue", seed=1, steps=2)]
+    engine.step()
+    negative = tuple(first.prompt_ids("uncond"))
+    assert negative != empty and negative in engine.scheduler.prompt_cache
+    engine.run([first.id])
+    assert negative not in engine.scheduler.prompt_cache  # its own negative prompt: gone with it
+    second = engine.requests[engine.add_image("a blue square", seed=2, steps=2, guidance_scale=3.0)]
+    engine.step()
+    assert engine.scheduler.pinned == {empty} and second.tables["uncond"] == engine.scheduler.prompt_cache[empty]
+    blocks = engine.scheduler.prompt_cache[empty]
+    engine.run([second.id])
+    third = engine.requests[engine.add_image("a green triangle", seed=3, steps=2, guidance_scale=3.0)]
+    engine.step()
+    assert engine.scheduler.prompt_cache[empty] == blocks and third.tables["uncond"] == blocks  # kept across
+    engine.run([third.id])
+    assert_all_free(engine)
