@@ -104,7 +104,8 @@ def _serve(args: argparse.Namespace) -> None:
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * (1 << 20))
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
                           kv_cache_memory=kv_bytes, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
-                          compile_decode=args.compile_decode, compile_denoise=args.compile_denoise)
+                          compile_decode=args.compile_decode, compile_denoise=args.compile_denoise,
+                          cpu_kernels=args.cpu_kernels)
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
@@ -146,16 +147,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="MiB for the KV cache of both towers (default: --kv-cache-fraction of the free memory)")
     p.add_argument("--kv-cache-fraction", type=float, default=_env("KV_CACHE_FRACTION", None, float),
                    help="with no --kv-cache-memory: the share of the memory left free by the weights that the KV "
-                        "cache takes, at most what --max-running requests at full context can fill "
+                        "cache takes, at most what 64 running requests at full context can fill "
                         "(default: 0.25 on the CPU, 0.85 on CUDA)")
     p.add_argument("--block-size", type=int, default=_env("BLOCK_SIZE", 16, int),
                    help="tokens per KV-cache block (flash-attn: 256)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
                    default=_env("COMPILE_DECODE", None, _flag),
-                   help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on CUDA only)")
+                   help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on CUDA, and on the "
+                        "CPU for text towers of 50M parameters or more)")
     p.add_argument("--compile-denoise", action=argparse.BooleanOptionalAction,
                    default=_env("COMPILE_DENOISE", None, _flag),
                    help="torch.compile the denoising step at start-up (default: on CUDA only)")
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=_env("CPU_KERNELS", None, _flag),
+                   help="the project's float32 CPU matrix multiply for decode steps, built at start-up (default: on "
+                        "the CPU in float32 for text towers of 50M parameters or more)")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
