@@ -167,6 +167,11 @@ def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
         r = c.post("/v1/chat", json=body, headers={"Authorization": "Bearer k1", "X-Request-Id": "abc-123"})
         assert r.headers["X-Request-Id"] == "abc-123"
         assert len(c.get("/health").headers["X-Request-Id"]) == 32
+        refused = c.post("/v1/chat", json=body, headers={"X-Request-Id": "r-1"})  # refused requests keep theirs
+        assert refused.status_code == 401 and refused.headers["X-Request-Id"] == "r-1"
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": "Bearer k2", "X-Request-Id": "s-1"}) as streamed:
+            assert streamed.headers["X-Request-Id"] == "s-1" and "[DONE]" in "".join(streamed.iter_text())
         big = c.post("/v1/caption", json={"image": "A" * 8000}, headers={"Authorization": "Bearer k1"})
         assert big.status_code == 413 and "error" in big.json()
         chunked = c.post("/v1/chat", content=iter([b"{}"]), headers={"Authorization": "Bearer k1"})

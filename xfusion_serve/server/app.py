@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import signal
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Engine
+from .guard import Guard
 from .openai_routes import router as openai_router
 from .routes import router
 from .serving import APIError, error_response
@@ -50,32 +49,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     async def playground():
         return FileResponse(STATIC / "index.html")
 
-    open_paths = {"/", "/health", "/ready", "/metrics", "/docs", "/openapi.json"}
-    keys = [k.strip().encode() for k in state.config.api_keys if k.strip()]  # an empty key is no key
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """X-Request-Id in and out; API keys on every inference route; a cap on the body size."""
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = None
-        path = request.url.path
-        if keys and path not in open_paths and not path.startswith("/static/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
-            # compare_digest against every key, always: the time taken says nothing about which key is near
-            if not given or not any([hmac.compare_digest(given, k) for k in keys]):
-                response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                                   "authentication_error"))
-        length = request.headers.get("content-length")
-        if response is None and length and length.isdigit() and int(length) > state.config.max_body_bytes:
-            response = error_response(APIError(413, f"request body over {state.config.max_body_bytes} bytes"))
-        if response is None and length is None and "chunked" in request.headers.get("transfer-encoding", ""):
-            # A chunked body would be read whole before any limit could apply: its size must be declared.
-            response = error_response(APIError(411, "send Content-Length (chunked request bodies are refused)"))
-        if response is None:
-            response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        return response
+    app.add_middleware(Guard, api_keys=state.config.api_keys, max_body_bytes=state.config.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
