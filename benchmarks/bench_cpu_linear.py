@@ -1,0 +1,63 @@
+"""The project's CPU matrix multiply (xfusion::cpu_linear) against torch's F.linear (MKL), on the weights of one
+whole decode step of a model shape: every block's fused q/k/v, o, gate/up and down, and the LM head.
+
+    python benchmarks/bench_cpu_linear.py [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536
+        --vocab 49152] [--rows 1,4,16,64] [--repeats 5]
+
+Defaults: the 135M-class Llama of benchmarks/make_checkpoint.py's smol-135m preset. Random float32 weights; the
+figure is the best of `--repeats` passes over all matrices (ms per decode step's multiplies), interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from xfusion_kernels.cpu import cpu_linear  # noqa: E402
+
+
+def weights(a: argparse.Namespace) -> list[torch.Tensor]:
+    head = a.hidden // a.heads
+    per_layer = [((a.heads + 2 * a.kv_heads) * head, a.hidden), (a.hidden, a.hidden),
+                 (2 * a.intermediate, a.hidden), (a.hidden, a.intermediate)]
+    shapes = per_layer * a.layers + [(a.vocab, a.hidden)]
+    return [torch.randn(*s) * 0.02 for s in shapes]
+
+
+def step_ms(fn, ws: list[torch.Tensor], rows: int) -> float:
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in ws}
+    start = time.perf_counter()
+    for w in ws:
+        fn(xs[w.shape[1]], w)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in [("layers", 30), ("hidden", 576), ("heads", 9), ("kv-heads", 3), ("intermediate", 1536),
+                          ("vocab", 49152), ("repeats", 5)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--rows", default="1,4,16,64")
+    a = p.parse_args()
+    op = cpu_linear()
+    if op is None:
+        sys.exit("the kernel could not be built here (see the warning above)")
+    ws = weights(a)
+    print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}")
+    print(f"{'rows':>5} {'ours ms':>9} {'torch ms':>9} {'torch/ours':>11}")
+    for rows in map(int, a.rows.split(",")):
+        ours, theirs = float("inf"), float("inf")
+        for _ in range(a.repeats):  # interleaved: the machine's drift hits both alike
+            ours = min(ours, step_ms(op, ws, rows))
+            theirs = min(theirs, step_ms(F.linear, ws, rows))
+        print(f"{rows:>5} {ours:>9.1f} {theirs:>9.1f} {theirs / ours:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
