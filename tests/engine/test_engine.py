@@ -81,7 +81,7 @@ def test_cached_denoising_velocity_equals_full_sequence(fixture, request):
             model.vision.xfuse_beta.fill_(0.7)
     prompt = prompts.generation_prompt(tok, "a small red circle")
     table = {t: engine.runner.pools[t].blocks.allocate(4) for t in engine.runner.prompt_towers}
-    engine.runner.prefill_prompts([prompt], [table])
+    engine.runner.prefill_prompts([[prompt]], [table])
     x = initial_noise((4, 8, 8), 3)[None]
     v = engine.runner.velocity(x, [0.7], [table], [len(prompt) + 1])
     seq = model.embed_sequence([prompt, ImageSegment(x[0], 0.7)])
@@ -205,7 +205,7 @@ def test_incremental_detokenization_streams_exactly_the_full_decode():
     tok = AutoTokenizer.from_pretrained(EMBEDDED_CHECKPOINT / "text_tower")
     for text in ("a small red circle at the top left.", "café ☕ 日本語 — naïve", "There are circles, squares"):
         ids = tok(text, add_special_tokens=False).input_ids
-        req = TextRequest(prefix=[], params=SamplingParams(), stop_ids=set())
+        req = TextRequest(prompt=[[]], params=SamplingParams(), stop_ids=set())
         pieces = []
         for token in ids:
             req.output.append(token)

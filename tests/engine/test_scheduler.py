@@ -30,7 +30,7 @@ def test_only_the_unconditional_prompt_stays_pinned(random_checkpoint_dir):
     empty = tuple(prompts.generation_prompt(engine.tokenizer, ""))
     first = engine.requests[engine.add_image("a red circle", negative_prompt="blue", seed=1, steps=2)]
     engine.step()
-    negative = tuple(first.prompt_ids("uncond"))
+    negative = first.keys["uncond"]
     assert negative != empty and negative in engine.scheduler.prompt_cache
     engine.run([first.id])
     assert negative not in engine.scheduler.prompt_cache  # its own negative prompt: gone with it

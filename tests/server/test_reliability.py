@@ -197,7 +197,7 @@ def test_a_fault_in_one_batch_fails_only_its_requests(live):
     url, engine = live
 
     def poison(phase, reqs):  # any prefill holding a caption breaks
-        if phase == "prefill" and any(getattr(r, "image", None) is not None for r in reqs):
+        if phase == "prefill" and any(getattr(r, "has_images", False) for r in reqs):
             raise RuntimeError("injected fault")
 
     chat, image = chat_body(2, max_tokens=40), image_body(1) | {"steps": 20}

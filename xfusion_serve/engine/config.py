@@ -23,6 +23,8 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 64  # text requests decoding at once
     max_image_rows: int = 64  # image rows (CFG counts twice) denoising at once
+    max_prompt_images: int = 8  # pictures in one prompt (a conversation's, an edit's); more is a 400
+    max_prompt_image_tokens: int = 4096  # their tokens together
     # torch.compile the decode step (as CUDA graphs on GPU) and the denoising step at start-up. None: on CUDA;
     # on the CPU the decode step for a text tower of COMPILE_DECODE_ON_CPU_FROM parameters or more (where a
     # step's time is the model's; for the demo's the start-up time would not pay), the denoising step not.
@@ -53,5 +55,7 @@ class EngineConfig:
             raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
         if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:
             raise ValueError("block_size, max_running and max_image_rows must be positive")
+        if self.max_prompt_images < 0 or self.max_prompt_image_tokens < 0:
+            raise ValueError("max_prompt_images and max_prompt_image_tokens must be 0 or more")
         if self.attention_backend == "flash-attn" and (self.block_size % 256 or self.dtype == "float32"):
             raise ValueError("the flash-attn backend needs block_size a multiple of 256 and dtype bfloat16 or float16")

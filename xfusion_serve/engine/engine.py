@@ -19,6 +19,7 @@ from PIL import Image
 from ..model import prompts
 from ..model.checkpoint import Checkpoint, load_checkpoint
 from ..model.latents import decode_latents, encode_images
+from ..model.sequence import ImageSegment, Segment, image_tokens
 from .config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
 from .detokenizer import detokenize, find_stop, safe_length
 from .flow_matching import flow_sigmas, guided, initial_noise
@@ -80,35 +81,58 @@ class Engine(OfflineAPI):
         return cls(load_checkpoint(path, dtype=config.dtype, device=config.device), config)
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_text(self, prompt_ids: list[int], params: SamplingParams) -> str:
-        return self._add(TextRequest(prefix=list(prompt_ids), params=params, stop_ids=self._stop_ids(params)))
+    def add_text(self, prompt: list[int] | list[Segment], params: SamplingParams) -> str:
+        """A text answer to `prompt`: token ids, or segments (text ids and clean `ImageSegment`s, e.g. from
+        `encode_image` and `prompts.conversation`). -> the request id."""
+        segments = [list(prompt)] if not prompt or isinstance(prompt[0], int) else list(prompt)
+        self._check_images(segments)
+        return self._add(TextRequest(prompt=segments, params=params, stop_ids=self._stop_ids(params),
+                                     patch_size=self.ckpt.config.patch_size))
 
     def add_caption(self, image: Image.Image, instruction: str | None, params: SamplingParams) -> str:
-        h, w = self.ckpt.config.image_sizes[0]
-        latent = encode_images(self.ckpt.vae, [image], h, w)[0].to(self.runner.device, self.runner.dtype)
-        return self._add(TextRequest(
-            prefix=prompts.caption_prefix(self.tokenizer), image=latent, params=params,
-            suffix=prompts.caption_instruction(self.tokenizer, instruction), stop_ids=self._stop_ids(params),
-            patch_size=self.ckpt.config.patch_size))
+        return self.add_text([prompts.caption_prefix(self.tokenizer), self.encode_image(image),
+                              prompts.caption_instruction(self.tokenizer, instruction)], params)
 
-    def add_image(self, prompt: str, *, negative_prompt: str = "", n: int = 1, size: tuple[int, int] | None = None,
-                  steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                  preview_every: int = 0) -> str:
+    def encode_image(self, image: Image.Image, size: tuple[int, int] | None = None) -> ImageSegment:
+        """A picture for a prompt: resized to `size` (height, width; default the first trained size), VAE
+        encoded, clean (t = 0)."""
+        h, w = size or self.ckpt.config.image_sizes[0]
+        latent = encode_images(self.ckpt.vae, [image], h, w)[0].to(self.runner.device, self.runner.dtype)
+        return ImageSegment(latent, 0.0)
+
+    def add_image(self, prompt: str | list[Segment], *, negative_prompt: str = "", n: int = 1,
+                  size: tuple[int, int] | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                  seed: int | None = None, preview_every: int = 0) -> str:
+        """Images for `prompt`: a text, or the segments before the image (a conversation, an edit's pictures;
+        `prompts.generation_prompt` and `prompts.conversation` build them). The unconditional row is
+        `negative_prompt` (the shared empty prompt by default). -> the request id."""
         cfg = self.ckpt.config
         height, width = size or cfg.image_sizes[0]
         if (height, width) not in cfg.image_sizes:
             raise ValueError(f"size {width}x{height} is not one of the trained sizes")
+        segments = prompts.generation_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        segments = [segments] if segments and isinstance(segments[0], int) else segments
+        self._check_images(segments)
         vae = self.ckpt.model.vae_info
         shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
         seed = random.SystemRandom().randrange(2**31) if seed is None else seed
         seeds = [seed + i for i in range(n)]
         latents = torch.stack([initial_noise(shape, s) for s in seeds]).to(self.runner.device)
         return self._add(ImageRequest(
-            prompt=prompts.generation_prompt(self.tokenizer, prompt),
-            negative=prompts.generation_prompt(self.tokenizer, negative_prompt), seeds=seeds,
+            prompt=segments, negative=[prompts.generation_prompt(self.tokenizer, negative_prompt)], seeds=seeds,
             sigmas=flow_sigmas(steps or cfg.sampler.steps, cfg.sampler.shift),
             guidance_scale=cfg.sampler.guidance_scale if guidance_scale is None else guidance_scale,
-            latents=latents, preview_every=preview_every))
+            latents=latents, preview_every=preview_every, patch_size=cfg.patch_size))
+
+    def _check_images(self, segments: list[Segment]) -> None:
+        """The limits on a prompt's pictures (EngineConfig.max_prompt_images, max_prompt_image_tokens)."""
+        images = [s for s in segments if isinstance(s, ImageSegment)]
+        if len(images) > self.config.max_prompt_images:
+            raise ValueError(f"{len(images)} images in one prompt; at most {self.config.max_prompt_images}")
+        tokens = sum(image_tokens(s.latent, self.ckpt.config.patch_size) for s in images)
+        if tokens > self.config.max_prompt_image_tokens:
+            raise ValueError(f"the prompt's images take {tokens} tokens; at most "
+                             f"{self.config.max_prompt_image_tokens} (EngineConfig.max_prompt_image_tokens)")
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.ckpt.eos_token_ids))
@@ -159,10 +183,10 @@ class Engine(OfflineAPI):
             out["decode"] = self._batch(out, "decode", plan.decode, lambda: self._sample(plan.decode, self.runner.decode(
                 [r.output[-1] for r in plan.decode], [r.length for r in plan.decode], [r.blocks for r in plan.decode])))
         if plan.prompts:  # a prompt whose K/V never landed fails every request that shares it
-            fresh = {tuple(r.prompt_ids(role)) for r, role in plan.prompts}
-            users = [r for r in plan.denoise if any(tuple(r.prompt_ids(role)) in fresh for role in r.tables)]
+            fresh = {r.keys[role] for r, role in plan.prompts}
+            users = [r for r in plan.denoise if any(r.keys[role] in fresh for role in r.tables)]
             if self._batch(out, "prompts", users, lambda: self.runner.prefill_prompts(
-                    [r.prompt_ids(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])):
+                    [r.prompt_of(role) for r, role in plan.prompts], [r.tables[role] for r, role in plan.prompts])):
                 self.scheduler.pinned.update(plan.pin)  # pinned only once its K/V are really there
         failed = {id(r) for reqs, _ in out["failed"] for r in reqs}
         plan.denoise = [r for r in plan.denoise if id(r) not in failed]
@@ -185,11 +209,10 @@ class Engine(OfflineAPI):
         for r in group:
             sigma = r.sigmas[r.step]
             for role in ("cond", "uncond") if r.guided else ("cond",):
-                ids = r.prompt_ids(role)
                 latents.append(r.latents)
                 sigmas += [sigma] * len(r.seeds)
                 tables += [r.tables[role]] * len(r.seeds)
-                lens += [len(ids) + 1] * len(r.seeds)
+                lens += [r.prompt_len(role)] * len(r.seeds)
         v = self.runner.velocity(torch.cat(latents), sigmas, tables, lens, batch=tuple(r.id for r in group))
         start, updated = 0, []
         for r in group:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ..model.sequence import ImageSegment, Segment
+from ..model.sequence import ImageSegment, Segment, image_tokens, sequence_key, sequence_length, text_only
 from .text_sampling import SamplingParams
 
 _ids = itertools.count()
@@ -22,13 +22,12 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class TextRequest:
-    """Chat and completions: `prefix` is the whole prompt. Captions: prefix, image latent, then `suffix`."""
+    """Chat, completions and captions: `prompt` is the whole prompt, text ids and clean images (a caption's
+    image, the pictures of a conversation) in order; the answer is text."""
 
-    prefix: list[int]
+    prompt: list[Segment]
     params: SamplingParams
     stop_ids: set[int]
-    image: torch.Tensor | None = None  # scaled clean latent [C, h, w]
-    suffix: list[int] = field(default_factory=list)
     patch_size: int = 2
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output: list[int] = field(default_factory=list)
@@ -45,15 +44,16 @@ class TextRequest:
         self.generator = self.params.generator()
 
     @property
+    def has_images(self) -> bool:
+        return not text_only(self.prompt)
+
+    @property
     def image_tokens(self) -> int:
-        if self.image is None:
-            return 0
-        return (self.image.shape[-2] // self.patch_size) * (self.image.shape[-1] // self.patch_size)
+        return sum(image_tokens(s.latent, self.patch_size) for s in self.prompt if isinstance(s, ImageSegment))
 
     @property
     def prompt_len(self) -> int:
-        extra = self.image_tokens + 2 + len(self.suffix) if self.image is not None else 0
-        return len(self.prefix) + extra
+        return sequence_length(self.prompt, self.patch_size)
 
     @property
     def length(self) -> int:
@@ -61,20 +61,24 @@ class TextRequest:
 
     def segments(self) -> list[Segment]:
         """The whole sequence so far: what a (re)computing prefill runs."""
-        if self.image is None:
-            return [self.prefix + self.output]
-        return [self.prefix, ImageSegment(self.image, 0.0), self.suffix + self.output]
+        if self.prompt and not isinstance(self.prompt[-1], ImageSegment):
+            return self.prompt[:-1] + [self.prompt[-1] + self.output]
+        return self.prompt + [self.output]
 
 
 @dataclass(eq=False)
 class ImageRequest:
-    prompt: list[int]
-    negative: list[int]
+    """Image generation: `prompt` and `negative` (the unconditional row) are the sequences before the image,
+    text ids and clean images (an edit's input pictures, a conversation's); the begin-of-image follows them."""
+
+    prompt: list[Segment]
+    negative: list[Segment]
     seeds: list[int]  # one per image
     sigmas: list[float]
     guidance_scale: float
     latents: torch.Tensor  # [n, C, h, w], the current x_sigma of every image
     preview_every: int = 0
+    patch_size: int = 2
     id: str = field(default_factory=lambda: f"img-{next(_ids)}")
     step: int = 0
     tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # "cond"/"uncond" -> tower -> blocks
@@ -90,8 +94,16 @@ class ImageRequest:
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
 
-    def prompt_ids(self, role: str) -> list[int]:
+    def __post_init__(self):
+        # The prompt cache's keys, hashed once (an image's digest reads its latent).
+        self.keys = {"cond": sequence_key(self.prompt), "uncond": sequence_key(self.negative)}
+
+    def prompt_of(self, role: str) -> list[Segment]:
         return self.prompt if role == "cond" else self.negative
+
+    def prompt_len(self, role: str) -> int:
+        """Positions of that role's prompt, its begin-of-image included: where the image's tokens start."""
+        return sequence_length(self.prompt_of(role), self.patch_size) + 1
 
 
 @dataclass

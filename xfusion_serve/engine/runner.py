@@ -156,11 +156,12 @@ class ModelRunner:
                 self._step(self.captured, [0] * b, [1] * b, [scratch] * b, [[]] * b, self.table_width)
 
     @torch.no_grad()
-    def prefill_prompts(self, prompts: list[list[int]], block_tables: list[dict[str, list[int]]]) -> int:
-        """Image prompts (text, then the begin-of-image embedding): only their K/V are kept, for every step.
-        -> how many were prefilled."""
-        embed = self.model.text.model.embed_tokens
-        embeds = [torch.cat([embed(self._tensor(ids)), self.model.vision.boi[None]]) for ids in prompts]
+    def prefill_prompts(self, prompts: list[list[Segment]], block_tables: list[dict[str, list[int]]]) -> int:
+        """Image prompts (text and clean images, then the begin-of-image embedding): only their K/V are kept,
+        in the prompt towers' pools, for every denoising step. -> how many were prefilled."""
+        seqs = [self.model.embed_sequence(p) for p in prompts]
+        boi = self.model.vision.boi[None]
+        embeds = [torch.cat([s.embeds, boi.to(s.embeds.dtype)]) for s in seqs]
         lengths = [len(e) for e in embeds]
         cu = [0]
         for n in lengths:
@@ -168,7 +169,12 @@ class ModelRunner:
         slots = {tower: self._tensor([s for t, n in zip(block_tables, lengths) for s in self.pools[tower].slots(
             t[tower], 0, n)]) for tower in self.prompt_towers}
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        ids = torch.full_like(positions, -1)
+        ids, images_before = [], 0
+        for s in seqs:  # image ids differ between sequences (as in prefill), -1 for text and the boi
+            ids.append(torch.where(s.image_ids >= 0, s.image_ids + images_before, s.image_ids))
+            ids.append(torch.full((1,), -1, dtype=s.image_ids.dtype, device=s.image_ids.device))
+            images_before += len(s.image_slices)
+        ids = torch.cat(ids)
         self.model(torch.cat(embeds), positions, ids, PrefillAttention(self.backend, self.pools, slots, cu, ids))
         return len(prompts)
 

@@ -65,17 +65,13 @@ class Scheduler:
         plan.prefill.append(req)
         return True
 
-    def _prompt_blocks_needed(self, ids: list[int]) -> dict[str, int]:
-        if tuple(ids) in self.prompt_cache:
-            return {t: 0 for t in self.prompt_towers}
-        return {t: self.pools[t].blocks_needed(len(ids) + 1) for t in self.prompt_towers}
-
     def _admit_image(self, req: ImageRequest, plan: Plan) -> bool:
-        prompts = {"cond": req.prompt} | ({"uncond": req.negative} if req.guided else {})
+        roles = ["cond", "uncond"] if req.guided else ["cond"]
         needs = {t: 0 for t in self.prompt_towers}
-        for ids in {tuple(p) for p in prompts.values()}:
-            for t, n in self._prompt_blocks_needed(list(ids)).items():
-                needs[t] += n
+        for key, role in {req.keys[role]: role for role in roles}.items():  # cond == uncond: one prompt
+            if key not in self.prompt_cache:
+                for t in self.prompt_towers:
+                    needs[t] += self.pools[t].blocks_needed(req.prompt_len(role))
         if any(n > self.capacity(t) for t, n in needs.items()):
             plan.failed.append((req, "the prompt does not fit the KV cache"))
             return True
@@ -83,13 +79,13 @@ class Scheduler:
         if (self.images and rows + len(req.seeds) * (2 if req.guided else 1) > self.max_image_rows) or any(
                 n > self.pools[t].blocks.num_free for t, n in needs.items()):
             return False
-        for role, ids in prompts.items():
-            key = tuple(ids)
+        for role in roles:
+            key = req.keys[role]
             if key not in self.prompt_cache:
-                self.prompt_cache[key] = {t: self.pools[t].blocks.allocate(self.pools[t].blocks_needed(len(ids) + 1))
-                                          for t in self.prompt_towers}
+                self.prompt_cache[key] = {t: self.pools[t].blocks.allocate(self.pools[t].blocks_needed(
+                    req.prompt_len(role))) for t in self.prompt_towers}
                 plan.prompts.append((req, role))
-                if role == "uncond" and not ids[1:]:
+                if role == "uncond" and len(key) <= 1:  # the empty prompt (<bos>): every request shares it
                     plan.pin.append(key)
             req.tables[role] = {t: self.pools[t].blocks.share(b) for t, b in self.prompt_cache[key].items()}
         req.admitted_at = time.monotonic()
@@ -157,7 +153,7 @@ class Scheduler:
         if req in self.images:
             self.images.remove(req)
         for role, tables in list(req.tables.items()):
-            key = tuple(req.prompt_ids(role))
+            key = req.keys[role]
             for t, blocks in tables.items():
                 self.pools[t].blocks.release(blocks)
             entry = self.prompt_cache.get(key)

@@ -6,6 +6,7 @@ Text attends causally; the tokens of one image see each other both ways (X-Fusio
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +26,33 @@ class ImageSegment:
 
 
 Segment = list[int] | ImageSegment
+
+
+def image_tokens(latent: torch.Tensor, patch_size: int) -> int:
+    """Tokens of an image latent [..., C, h, w]: one per patch_size x patch_size patch."""
+    return (latent.shape[-2] // patch_size) * (latent.shape[-1] // patch_size)
+
+
+def sequence_length(segments: list[Segment], patch_size: int) -> int:
+    """Positions a sequence takes: its text ids, and each image's tokens with its begin/end-of-image."""
+    return sum(image_tokens(s.latent, patch_size) + 2 if isinstance(s, ImageSegment) else len(s) for s in segments)
+
+
+def sequence_key(segments: list[Segment]) -> tuple:
+    """A hashable key that is equal for equal sequences: text ids as they are, each image by its noise level,
+    shape and a digest of its latent's bytes (two requests with the same picture share a cached prompt)."""
+    key: list = []
+    for s in segments:
+        if isinstance(s, ImageSegment):
+            data = s.latent.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            key.append(("image", s.t, tuple(s.latent.shape), hashlib.sha256(data).hexdigest()))
+        else:
+            key.extend(s)
+    return tuple(key)
+
+
+def text_only(segments: list[Segment]) -> bool:
+    return not any(isinstance(s, ImageSegment) for s in segments)
 
 
 @dataclass

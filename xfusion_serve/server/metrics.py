@@ -19,7 +19,7 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 def task_of(req) -> str:
     if isinstance(req, TextRequest):
-        return "caption" if req.image is not None else "text"
+        return "caption" if req.has_images else "text"  # caption: a text answer about pictures
     return "image"
 
 
