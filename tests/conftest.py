@@ -149,3 +149,17 @@ def app_client():
     from xfusion_serve.server.state import ServerConfig
 
     return TestClient(create_app(ServerConfig()))
+
+
+def reference_greedy(model, segments: list, max_new: int, eos: set[int]) -> list[int]:
+    """Greedy text after `segments` (text ids and images) by the reference forward, no cache: the oracle."""
+    from xfusion_serve.model.reference import reference_forward
+
+    out: list[int] = []
+    for _ in range(max_new):
+        logits, _ = reference_forward(model, segments + [out])  # a text segment after another is the same
+        token = int(logits[-1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+    return out

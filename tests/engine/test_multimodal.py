@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import reference_greedy
 from test_engine import OTHERS, assert_all_free, final_latents, make_engine, run_text
 
 from xfusion_serve import ImageSegment, SamplingParams
@@ -23,17 +24,6 @@ def interleaved(engine, start: int = 0) -> list:
     """text, image, text, image, text: a conversation's shape."""
     a, b = pictures(engine, 2, start)
     return [[2, 7, 9], a, [11, 5, 8], b, [30, 31, 12]]
-
-
-def reference_greedy(model, segments: list, max_new: int, eos: set[int]) -> list[int]:
-    out: list[int] = []
-    for _ in range(max_new):
-        logits, _ = reference_forward(model, segments + [out])  # a text segment after another is the same
-        token = int(logits[-1].argmax())
-        if token in eos:
-            break
-        out.append(token)
-    return out
 
 
 def test_text_after_interleaved_pictures_equals_the_reference(random_checkpoint_dir):

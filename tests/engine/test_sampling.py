@@ -80,3 +80,29 @@ def test_streamed_text_never_passes_a_stop_string_that_spans_tokens(demo_engine)
     false_start = stop + "\x00never"
     deltas, text = streamed(demo_engine, prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=[false_start]))
     assert text == whole
+
+
+def test_logprobs_are_the_models_own_log_softmax(random_checkpoint_dir):
+    """Each generated token's log-probability and the k likeliest, against transformers' logits of the text
+    tower over the same tokens; sampled at temperature 2 (they stay those of the model, not of the sampler)."""
+    from transformers import LlamaForCausalLM
+
+    engine = Engine(load_checkpoint(random_checkpoint_dir), EngineConfig(block_size=4))
+    prompt = [2, 7, 9, 11]
+    rid = engine.add_text(prompt, SamplingParams(max_tokens=6, ignore_eos=True, temperature=2.0, seed=3, logprobs=3))
+    events = []
+    while engine.requests:
+        events += [e for e in engine.step() if e.request_id == rid]
+    tokens = [t for e in events for t in e.token_ids]
+    logprobs = [lp for e in events for lp in e.logprobs or []]
+    assert len(tokens) == len(logprobs) == 6 and [lp.token for lp in logprobs] == tokens
+    hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+    for lp, row, token in zip(logprobs, expected, tokens):
+        assert lp.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        values, ids = row.topk(3)
+        assert [i for i, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+    quiet = engine.add_text(prompt, SamplingParams(max_tokens=2))  # none asked: none given
+    assert all(e.logprobs is None for e in engine.run([quiet]).values())

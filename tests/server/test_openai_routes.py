@@ -9,10 +9,8 @@ from test_server import sse_events
 from transformers import LlamaForCausalLM
 
 from xfusion_serve import Engine, EngineConfig, load_checkpoint
-from xfusion_serve.demo.shapes import sample as shape_sample
 from xfusion_serve.model.prompts import chat_prompt
 from xfusion_serve.server.app import create_app
-from xfusion_serve.server.schemas import image_to_base64
 from xfusion_serve.server.state import ServerConfig
 
 
@@ -55,17 +53,15 @@ def test_chat_completions_stream_with_usage(client):
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
-def test_image_url_part_means_caption(client):
-    image = shape_sample(4, 2)[1]
-    uri = "data:image/png;base64," + image_to_base64(image)
-    messages = [{"role": "user", "content": [{"type": "text", "text": "describe the image"},
-                                             {"type": "image_url", "image_url": {"url": uri}}]}]
-    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0})
-    assert r.status_code == 200, r.text
-    direct = client.post("/v1/caption", json={"image": uri, "prompt": "describe the image", "max_tokens": 6})
-    assert r.json()["choices"][0]["message"]["content"] == direct.json()["caption"]
+def test_image_urls_are_data_uris_or_from_allowed_domains(client):
     remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
-    assert client.post("/v1/chat/completions", json={"messages": remote}).status_code == 400
+    r = client.post("/v1/chat/completions", json={"messages": remote})
+    assert r.status_code == 400 and "not allowed" in r.json()["error"]["message"]
+    broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    assert client.post("/v1/chat/completions", json={"messages": broken}).status_code == 400
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}] * 9}]
+    r = client.post("/v1/chat/completions", json={"messages": many})  # EngineConfig.max_prompt_images: 8
+    assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
 
 
 def test_images_generations_and_models(client):

@@ -79,8 +79,9 @@ def test_chat_matches_the_engine_and_streams_the_same_text(client):
     streamed = client.post("/v1/chat", json=body | {"stream": True})
     events = sse_events(streamed)
     assert events[-1] == "[DONE]"
-    text = "".join(e["choices"][0]["delta"]["content"] for e in events[:-1])
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == out["choices"][0]["message"]["content"]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert events[-2]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
 
 

@@ -27,7 +27,7 @@ from .offline import OfflineAPI
 from .request import Event, ImageRequest, TextRequest
 from .runner import ModelRunner
 from .scheduler import Plan, Scheduler
-from .text_sampling import SamplingParams, sample_next
+from .text_sampling import SamplingParams, sample_next, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,14 @@ class Engine(OfflineAPI):
         return out
 
     def _sample(self, reqs: list[TextRequest], logits: torch.Tensor) -> list[int]:
-        return sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        asked = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if asked:  # kept on the request until its event is made
+            rows = torch.tensor(asked, device=logits.device)
+            for i, lp in zip(asked, token_logprobs(logits[rows], [tokens[i] for i in asked],
+                                                   [reqs[i].params.logprobs for i in asked])):
+                reqs[i].logprobs = lp
+        return tokens
 
     def _denoise(self, group: list[ImageRequest]) -> dict[str, torch.Tensor]:
         """One Euler step for image requests of one size, cond and uncond rows in one batch."""
@@ -254,7 +261,8 @@ class Engine(OfflineAPI):
                 events += self._fail(group, results["failed"][-1][1])
                 continue
             for r in group:
-                events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop"))
+                events.append(Event(r.id, "done", images=images[: len(r.seeds)], seeds=r.seeds, finish_reason="stop",
+                                    prompt_tokens=r.prompt_len("cond") - 1))
                 images = images[len(r.seeds):]
                 self._end(r, "stop")
         return events
@@ -280,15 +288,22 @@ class Engine(OfflineAPI):
         safe = safe_length(text, params.stop)  # text that may yet become a stop string waits
         delta = text[len(req.text) : safe]
         req.text = text[: max(safe, len(req.text))]
-        return [Event(req.id, "token", text=delta, token_ids=[token])]
+        return [Event(req.id, "token", text=delta, token_ids=[token], logprobs=self._logprobs(req))]
+
+    @staticmethod
+    def _logprobs(req: TextRequest) -> list | None:
+        """The last sampled token's log-probabilities, once (None when the request asked for none)."""
+        lp, req.logprobs = req.logprobs, None
+        return None if lp is None else [lp]
 
     def _finish_text(self, req: TextRequest, reason: str, text: str, new_tokens: list[int] | None = None) -> Event:
         """The done event carries the whole text (a streamer sends what its token events had not) and the
         token generated in this step, if the request ended on one."""
         req.text = text
         self._end(req, reason)
+        logprobs = self._logprobs(req) if new_tokens else None  # a stop token is not part of the answer
         return Event(req.id, "done", text=text, token_ids=new_tokens or [], finish_reason=reason,
-                     step=len(req.output), prompt_tokens=req.prompt_len)
+                     step=len(req.output), prompt_tokens=req.prompt_len, logprobs=logprobs)
 
     def _end(self, req, reason: str) -> None:
         self.scheduler.finish(req, reason)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..model.sequence import ImageSegment, Segment, image_tokens, sequence_key, sequence_length, text_only
-from .text_sampling import SamplingParams
+from .text_sampling import SamplingParams, TokenLogprobs
 
 _ids = itertools.count()
 
@@ -39,6 +39,7 @@ class TextRequest:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    logprobs: TokenLogprobs | None = None  # the last sampled token's, until its event carries them
 
     def __post_init__(self):
         self.generator = self.params.generator()
@@ -123,3 +124,4 @@ class Event:
     error: str | None = None
     error_type: str | None = None  # "invalid_request_error" (the request itself) or "server_error"
     prompt_tokens: int = 0  # done (text requests): the prompt's length, image tokens included
+    logprobs: list[TokenLogprobs] | None = None  # token / done: those of token_ids, when the request asked

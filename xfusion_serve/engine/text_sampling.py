@@ -11,6 +11,31 @@ import torch
 
 # Below this temperature sampling is greedy decoding: logits / 1e-300 overflow to inf and softmax to NaN.
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's log-probability and the `logprobs` likeliest tokens' (id, log-probability), best
+    first. Natural log, of the model's own distribution (the logits before temperature, top-k and top-p, as
+    vLLM reports them by default)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:
+    """logits [B, V] of the rows that asked, the token chosen in each, how many alternatives each wants."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(counts)
+    top = logp.topk(k, dim=-1) if k else None
+    out = []
+    for b, (token, count) in enumerate(zip(tokens, counts)):
+        alternatives = [] if top is None else list(zip(top.indices[b, :count].tolist(), top.values[b, :count].tolist()))
+        out.append(TokenLogprobs(token, chosen[b], alternatives))
+    return out
 
 
 @dataclass
@@ -23,6 +48,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each chosen token's log-probability and the k likeliest
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -33,6 +59,8 @@ class SamplingParams:
             raise ValueError("top_p must lie in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}]")
 
     def generator(self) -> torch.Generator:
         g = torch.Generator()

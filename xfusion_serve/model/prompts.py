@@ -2,6 +2,7 @@
 
 caption:     <bos> <boi> image <eoi> [instruction "\\n"] caption <eos>
 generation:  <bos> prompt <boi> image <eoi>        (the unconditional row: <bos> <boi> image <eoi>)
+edit:        <bos> <boi> picture <eoi> ... instruction <boi> image <eoi>
 conversation: the tokenizer's chat template over every message, each picture where its part stands as
              <boi> image <eoi> (clean); the assistant's turn is text, or an image when one is asked for
 """
@@ -37,6 +38,11 @@ def caption_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str | N
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> list[int]:
     """The text before the image of a generation request; an empty prompt is the unconditional row."""
     return _bos(tokenizer) + encode(tokenizer, (prompt or "").strip())
+
+
+def edit_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, images: list[ImageSegment]) -> list[Segment]:
+    """The sequence before an edited image: <bos> <boi> picture <eoi> ... instruction (then <boi> the result)."""
+    return [_bos(tokenizer), *images, encode(tokenizer, instruction.strip())]
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool = True,

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Engine
 from .guard import Guard
+from .openai_images import router as openai_images_router
 from .openai_routes import router as openai_router
 from .routes import router
 from .serving import APIError, error_response
@@ -42,6 +43,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     app.state.server = state
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(openai_images_router)
     # The playground is public (it holds no data; its key field sends the key on each API call it makes).
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -59,7 +61,9 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         if first.get("type") == "json_invalid":
-            return error_response(APIError(422, f"the body is not valid JSON ({first.get('ctx', {}).get('error')})"))
+            sent = request.scope.get("state", {}).get("sent_content_type")
+            told = f"; it was sent as Content-Type {sent!r} and read as JSON" if sent else ""
+            return error_response(APIError(422, f"the body is not valid JSON ({first.get('ctx', {}).get('error')}){told}"))
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
         return error_response(APIError(422, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
 

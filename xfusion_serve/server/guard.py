@@ -1,4 +1,5 @@
-"""The server's gate, as a plain ASGI middleware: X-Request-Id in and out, API keys, a cap on the body size.
+"""The server's gate, as a plain ASGI middleware: X-Request-Id in and out, API keys, a cap on the body size,
+JSON bodies sent without saying so read as JSON.
 
 Plain ASGI rather than Starlette's `BaseHTTPMiddleware` (`@app.middleware("http")`): that one passes every chunk
 of a streamed response through a memory stream and an extra task, a cost paid per token on the streaming routes.
@@ -16,6 +17,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .serving import APIError, error_response
 
 OPEN_PATHS = {"/", "/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+
+
+# What clients send JSON as when they do not say it is JSON: nothing (many scripts), curl -d's form type, text.
+READ_AS_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
+
+
+def as_json(scope: Scope, headers: Headers) -> None:
+    """A POST body whose Content-Type is missing, curl's form default or text/plain is read as the JSON every
+    JSON route takes (the sent type is kept in scope["state"]["sent_content_type"] for error messages), instead
+    of failing with a schema error that hides the cause."""
+    sent = headers.get("content-type", "")
+    if scope["method"] != "POST" or sent.split(";")[0].strip().lower() not in READ_AS_JSON:
+        return
+    scope.setdefault("state", {})["sent_content_type"] = sent or "(none)"
+    kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    scope["headers"] = kept + [(b"content-type", b"application/json")]
 
 
 class Guard:
@@ -55,6 +72,7 @@ class Guard:
                 message = {**message, "headers": kept + [(b"x-request-id", request_id)]}
             await send(message)
 
+        as_json(scope, headers)
         refused = self.refusal(scope["path"], headers)
         if refused is not None:
             await error_response(refused)(scope, receive, send_with_id)

@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..engine.engine import Engine
-from ..model.prompts import chat_prompt
+from .chat import chat_response
 from .schemas import CaptionRequest, ChatRequest, ImageRequest, decode_image, image_from_base64
 from .serving import (APIError, admit, final, image_result, sampling_params, server_of, sse_response, start,
                       text_response)
@@ -23,22 +23,8 @@ router = APIRouter()
 
 @router.post("/v1/chat", dependencies=[Depends(admit)])
 async def chat(body: ChatRequest, request: Request):
-    server = server_of(request)
-    ids = chat_prompt(server.tokenizer, [m.model_dump() for m in body.messages])
-    params = sampling_params(body)
-
-    def shape(kind, **k):
-        if kind == "id":
-            return "chatcmpl"
-        if kind == "full":
-            return {"id": k["rid"], "object": "chat.completion", "created": k["created"], "model": server.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": k["text"]},
-                                 "finish_reason": k["finish"]}], "usage": k["usage"]}
-        return {"id": k["rid"], "object": "chat.completion.chunk", "created": k["created"],
-                "model": server.model_name,
-                "choices": [{"index": 0, "delta": {"content": k["text"]}, "finish_reason": k["finish"]}]}
-
-    return await text_response(request, lambda e: e.add_text(ids, params), body.stream, shape)
+    """The whole conversation, pictures anywhere (OpenAI's image_url parts); a text or an image answer."""
+    return await chat_response(request, body)
 
 
 async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
@@ -84,13 +70,16 @@ async def caption(request: Request):
     def shape(kind, **k):
         if kind == "id":
             return "cap"
+        if kind == "first":
+            return None
+        base = {"id": k["rid"], "created": k["created"], "model": server.model_name}
         if kind == "full":
-            return {"id": k["rid"], "object": "caption", "created": k["created"], "model": server.model_name,
-                    "caption": k["text"], "finish_reason": k["finish"], "usage": k["usage"]}
-        return {"id": k["rid"], "object": "caption.chunk", "created": k["created"], "model": server.model_name,
-                "delta": k["text"], "finish_reason": k["finish"]}
+            (c,) = k["choices"]
+            return base | {"object": "caption", "caption": c["text"], "finish_reason": c["finish"],
+                           "usage": k["usage"]}
+        return base | {"object": "caption.chunk", "delta": k["text"], "finish_reason": k["finish"]}
 
-    return await text_response(request, add, body.stream, shape)
+    return await text_response(request, [add], body.stream, shape)
 
 
 @router.post("/v1/generate-image", dependencies=[Depends(admit)])
@@ -100,7 +89,7 @@ async def generate_image(body: ImageRequest, request: Request):
 
     def add(engine: Engine) -> str:
         return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
-                                steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
+                                steps=body.denoising_steps, guidance_scale=body.guidance_scale, seed=body.seed,
                                 preview_every=body.preview_every)
 
     events = await start(request, add)

@@ -8,20 +8,59 @@ import io
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_BYTES = 20 << 20
 
 
 class StrictModel(BaseModel):
-    # A misspelt option ("temprature") silently ignored gives an answer the client did not ask for.
+    """A request body. A misspelt option ("temprature") silently ignored gives an answer the client did not ask
+    for: unknown fields are refused. An explicit null is the field's default, as OpenAI takes it."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=100_000)
+
+class GenerationFields(StrictModel):
+    """Image generation's options, on every route that draws (images, edits, chat with image output)."""
+
+    negative_prompt: str = Field(default="", max_length=10_000)
+    size: str | None = Field(default=None, pattern=r"^(\d{1,5}x\d{1,5}|auto)$")
+    steps: int | None = Field(default=None, ge=1, le=200)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200)  # diffusers' name for `steps`
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+
+    @property
+    def denoising_steps(self) -> int | None:
+        return self.num_inference_steps or self.steps
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; a picture always takes the trained size
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    """A message of a conversation, in OpenAI's shape: content a string or parts (text, image_url). An assistant message may carry the images it returned earlier
+    (`images`, as this server's responses give them): they are part of the prompt, after its text."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    images: list[ContentPart] | None = None
 
 
 class SamplingFields(StrictModel):
@@ -44,8 +83,16 @@ class SamplingFields(StrictModel):
         return stops
 
 
-class ChatRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+class ChatRequest(SamplingFields, GenerationFields):
+    """/v1/chat: OpenAI's messages (pictures as image_url parts anywhere), the native defaults (greedy)."""
+
+    messages: list[Message] = Field(min_length=1, max_length=512)
+    modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1)
+    n: int = Field(default=1, ge=1, le=8)
+
+    @property
+    def wants_image(self) -> bool:
+        return "image" in self.modalities
 
 
 class CaptionRequest(SamplingFields):
@@ -54,13 +101,9 @@ class CaptionRequest(SamplingFields):
     max_tokens: int = Field(default=64, ge=1, le=1024)
 
 
-class ImageRequest(StrictModel):
+class ImageRequest(GenerationFields):
     prompt: str = Field(min_length=1, max_length=10_000)
-    negative_prompt: str = Field(default="", max_length=10_000)
     n: int = Field(default=1, ge=1, le=8)
-    size: str | None = Field(default=None, pattern=r"^\d{1,5}x\d{1,5}$")
-    steps: int | None = Field(default=None, ge=1, le=200)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     response_format: Literal["b64_json"] = "b64_json"
     stream: bool = False

@@ -39,9 +39,12 @@ def server_of(request: Request):
     return request.app.state.server
 
 
-def sampling_params(req: SamplingFields) -> SamplingParams:
+def sampling_params(req: SamplingFields, choice: int = 0, logprobs: int | None = None) -> SamplingParams:
+    """The engine's parameters for choice `choice` of a request (with a seed s, choice i samples with s + i)."""
+    seed = None if req.seed is None else req.seed + choice
     return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+                          seed=seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                          logprobs=logprobs)
 
 
 def _refuse_when_full(server, reserved: int) -> None:
@@ -90,7 +93,7 @@ async def start(request: Request, add) -> AsyncIterator[Event]:
     except EngineFailed as e:
         raise APIError(503, f"the engine has failed ({e}); the server needs a restart", "service_unavailable") from e
     if first.kind == "done" and first.finish_reason == "error":
-        raise _done_error(first)
+        raise done_error(first)
 
     async def events():
         yield first
@@ -101,20 +104,28 @@ async def start(request: Request, add) -> AsyncIterator[Event]:
 
 
 async def final(request: Request, events: AsyncIterator[Event]) -> Event:
-    """The done event. A client that leaves first cancels the request, freeing its cache at once
-    (Starlette does not cancel a handler whose client went away)."""
+    """The done event (see final_all)."""
+    return (await final_all(request, [events]))[0]
 
-    async def collect() -> Event:
-        done = None
+
+async def final_all(request: Request, streams: list[AsyncIterator[Event]]) -> list[Event]:
+    """Each request's done event, its `logprobs` those of its whole answer. A client that leaves first cancels
+    the requests, freeing their cache at once (Starlette does not cancel a handler whose client went away)."""
+
+    async def collect(events: AsyncIterator[Event]) -> Event:
+        done, logprobs = None, []
         async for ev in events:
+            logprobs += ev.logprobs or []
             done = ev if ev.kind == "done" else done
+        done.logprobs = logprobs or None
         return done
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    task, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    task = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+    watcher = asyncio.ensure_future(disconnected())
     await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     watcher.cancel()
     if not task.done():
@@ -122,13 +133,56 @@ async def final(request: Request, events: AsyncIterator[Event]) -> Event:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         raise APIError(499, "the client closed the request", "client_closed_request")
-    done = task.result()
-    if done.finish_reason == "error":
-        raise _done_error(done)
-    return done
+    dones = task.result()
+    for done in dones:
+        if done.finish_reason == "error":
+            raise done_error(done)
+    return dones
 
 
-def _done_error(done: Event) -> APIError:
+async def start_all(request: Request, adds: list) -> list[AsyncIterator[Event]]:
+    """`start` for each of a request's parts (n choices); if one is refused, those already queued are cancelled."""
+    streams = []
+    try:
+        for add in adds:
+            streams.append(await start(request, add))
+    except BaseException:
+        for s in streams:
+            await s.aclose()  # AsyncEngine.submit's `finally` cancels the request
+        raise
+    return streams
+
+
+async def merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several requests as they come, each with its index; closing it cancels them all."""
+    if len(streams) == 1:  # the common case: no task or queue between the engine and the response
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async for ev in events:
+                await queue.put((i, ev))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, ev = await queue.get()
+            if ev is None:
+                running -= 1
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def done_error(done: Event) -> APIError:
     if done.error_type == "invalid_request_error":
         return APIError(400, done.error or "invalid request")
     return APIError(500, done.error or "generation failed", "server_error")
@@ -141,7 +195,7 @@ def _error_event(err: APIError) -> str:
 def image_result(done: Event, created: int, prompt: str) -> dict:
     """An image request's done event -> OpenAI's images response (each image with the seed that made it)."""
     if done.finish_reason == "error":
-        raise _done_error(done)
+        raise done_error(done)
     return {"created": created, "usage": {"images": len(done.images)},
             "data": [{"b64_json": image_to_base64(im), "seed": s, "revised_prompt": prompt}
                      for im, s in zip(done.images, done.seeds)]}
@@ -167,31 +221,42 @@ def sse_response(payloads: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def _usage(done: Event) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.step,
-            "total_tokens": done.prompt_tokens + done.step}
+def _usage(dones: list[Event]) -> dict:
+    prompt, completion = dones[0].prompt_tokens, sum(d.step for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def text_response(request: Request, add, stream: bool, shape, include_usage: bool = False) -> object:
-    """Chat and caption: one response with the whole answer, or server-sent events as it is written."""
-    events = await start(request, add)
+async def text_response(request: Request, adds: list, stream: bool, shape, include_usage: bool = False) -> object:
+    """Chat, completions and captions: `adds` queue one engine request per choice. One response with every
+    answer, or server-sent events as they are written. `shape(kind, **k)` builds the route's bodies: "id" (the
+    id's prefix), "full" (rid, created, choices [{index, text, finish, logprobs}], usage), "first" (the chunk
+    that opens choice `index`, or None), "chunk" (index, text, finish, logprobs)."""
+    streams = await start_all(request, adds)
     rid, created = f"{shape('id')}-{uuid.uuid4().hex[:12]}", int(time.time())
     if not stream:
-        done = await final(request, events)
-        return shape("full", rid=rid, created=created, text=done.text, finish=done.finish_reason, usage=_usage(done))
+        dones = await final_all(request, streams)
+        choices = [{"index": i, "text": d.text, "finish": d.finish_reason, "logprobs": d.logprobs}
+                   for i, d in enumerate(dones)]
+        return shape("full", rid=rid, created=created, choices=choices, usage=_usage(dones))
 
     async def chunks():
-        sent = ""
-        async for ev in events:
-            if ev.kind == "token" and ev.text:
-                sent += ev.text
-                yield shape("chunk", rid=rid, created=created, text=ev.text, finish=None)
+        sent, dones = [""] * len(streams), {}
+        for i in range(len(streams)):
+            first = shape("first", rid=rid, created=created, index=i)
+            if first is not None:
+                yield first
+        async for i, ev in merged(streams):
+            if ev.kind == "token" and (ev.text or ev.logprobs):
+                sent[i] += ev.text
+                yield shape("chunk", rid=rid, created=created, index=i, text=ev.text, finish=None, logprobs=ev.logprobs)
             elif ev.kind == "done":
                 if ev.finish_reason == "error":
-                    raise _done_error(ev)
-                yield shape("chunk", rid=rid, created=created, text=ev.text[len(sent):], finish=ev.finish_reason)
-                if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
-                    yield shape("chunk", rid=rid, created=created, text="", finish=None) | {"choices": [],
-                                                                                         "usage": _usage(ev)}
+                    raise done_error(ev)
+                dones[i] = ev
+                yield shape("chunk", rid=rid, created=created, index=i, text=ev.text[len(sent[i]):],
+                            finish=ev.finish_reason, logprobs=ev.logprobs)
+        if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+            last = shape("chunk", rid=rid, created=created, index=0, text="", finish=None, logprobs=None)
+            yield last | {"choices": [], "usage": _usage(list(dones.values()))}
 
     return sse_response(chunks())

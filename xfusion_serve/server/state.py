@@ -50,14 +50,20 @@ class ServerState:
         self.admitting = 0  # queue places promised to requests whose bodies are still being read
 
     def check_size(self, size: str | None) -> tuple[int, int] | None:
-        """'WxH' -> (height, width), only for a size the checkpoint was trained on."""
-        if not size:
+        """'WxH' -> (height, width), only for a size the checkpoint was trained on; None or 'auto': the default."""
+        if not size or size == "auto":
             return None
         w, h = map(int, size.split("x"))
         if (h, w) not in self.trained_sizes:
             trained = ", ".join(f"{w}x{h}" for h, w in self.trained_sizes)
             raise APIError(400, f"size {size} is not a trained size; use one of: {trained}", param="size")
         return h, w
+
+    def check_model(self, model: str | None) -> None:
+        """A request naming a model must name the one served (OpenAI's 404 otherwise); none: the served one."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist here; this server serves {self.model_name!r}",
+                           param="model")
 
     def preview_b64(self, latents) -> list[str]:
         return [image_to_base64(im) for im in decode_latents(self.vae, latents)]

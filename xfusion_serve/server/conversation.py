@@ -1,0 +1,113 @@
+"""A conversation in OpenAI's messages -> its pictures (data URIs, or fetched from the allowed domains) and the
+engine request it becomes: a text answer, or images drawn with the whole conversation as their prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from PIL import Image
+
+from ..engine.engine import Engine
+from ..engine.text_sampling import SamplingParams
+from ..model import prompts
+from .schemas import MAX_IMAGE_BYTES, ContentPart, Message, decode_image, image_from_base64
+from .serving import APIError
+
+
+@dataclass
+class Conversation:
+    """`messages` as model/prompts.conversation takes them (image parts as {"type": "image"}) and their
+    pictures in order."""
+
+    messages: list[dict]
+    images: list[Image.Image]
+
+
+async def fetch_image(url: str, allowed: list[str]) -> Image.Image:
+    """An http(s) image URL, fetched only from the allowed domains (and their subdomains)."""
+    import httpx
+
+    host = (urlparse(url).hostname or "").lower()
+    allowed = [d.strip().lower() for d in allowed if d.strip()]
+    if not any(host == d or host.endswith("." + d) for d in allowed):
+        raise APIError(400, f"image URLs from {host or url!r} are not allowed; send a data: URI, or start the "
+                            "server with --allowed-image-domains", param="messages")
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise APIError(400, f"fetching the image gave HTTP {r.status_code}", param="messages")
+                data = b""
+                async for chunk in r.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_IMAGE_BYTES:
+                        raise APIError(400, f"image larger than {MAX_IMAGE_BYTES} bytes", param="messages")
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        raise APIError(400, f"could not fetch the image ({type(e).__name__})", param="messages") from e
+    return decode_image(data)
+
+
+async def load_image(url: str, allowed_domains: list[str]) -> Image.Image:
+    try:
+        if url.startswith(("http://", "https://")):
+            return await fetch_image(url, allowed_domains)
+        return image_from_base64(url)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+
+
+async def read_conversation(messages: list[Message], allowed_domains: list[str], max_images: int) -> Conversation:
+    """OpenAI messages -> a Conversation. A "developer" message is a system message; an assistant message's
+    `images` follow its text. Errors (400): an image part without a URL, more than `max_images` pictures, an
+    image that cannot be read or fetched."""
+    parts_of = [(m, list(m.content) if isinstance(m.content, list) else
+                 [ContentPart(type="text", text=m.content or "")]) for m in messages]
+    count = sum(p.type == "image_url" for _, parts in parts_of for p in parts) + sum(
+        len(m.images or []) for m in messages)
+    if count > max_images:
+        raise APIError(400, f"{count} images in the conversation; at most {max_images}", param="messages")
+    out, images = [], []
+    for m, parts in parts_of:
+        content = []
+        for part in parts + list(m.images or []):
+            if part.type == "text":
+                content.append({"type": "text", "text": part.text or ""})
+                continue
+            if part.image_url is None:
+                raise APIError(400, "an image_url part needs an image_url.url", param="messages")
+            images.append(await load_image(part.image_url.url, allowed_domains))
+            content.append({"type": "image"})
+        if all(p["type"] == "text" for p in content):  # plain text: exactly what the chat template is given
+            content = "".join(p["text"] for p in content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return Conversation(out, images)
+
+
+@dataclass
+class ImageOptions:
+    """What engine.add_image takes beyond the prompt."""
+
+    n: int = 1
+    size: tuple[int, int] | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    negative_prompt: str = ""
+    preview_every: int = 0
+
+
+def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingParams | None = None,
+                     image: ImageOptions | None = None, add_generation_prompt: bool = True,
+                     continue_final_message: bool = False) -> str:
+    """Runs on the engine's thread: the pictures through the VAE encoder, the conversation's segments, then a
+    text request (`params`) or an image request (`image`). -> the request id. ValueError: a bad conversation."""
+    pictures = [engine.encode_image(im) for im in conv.images]
+    segments = prompts.conversation(engine.tokenizer, conv.messages, pictures,
+                                    add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message)
+    if image is not None:
+        return engine.add_image(segments, n=image.n, size=image.size, steps=image.steps,
+                                guidance_scale=image.guidance_scale, seed=image.seed,
+                                negative_prompt=image.negative_prompt, preview_every=image.preview_every)
+    return engine.add_text(segments, params)

@@ -1,0 +1,106 @@
+"""OpenAI's image routes: /v1/images/generations (JSON) and /v1/images/edits (multipart: one or more `image`
+or `image[]` files and a prompt; the pictures are placed in the prompt, model/prompts.edit_prompt). Both take
+the extra generation fields (negative_prompt, num_inference_steps / steps, guidance_scale, seed) and stream
+partial images as OpenAI does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from ..model import prompts
+from .openai_schemas import OAIImageRequest
+from .schemas import decode_image
+from .serving import APIError, admit, final, image_result, server_of, sse_response, start
+
+router = APIRouter()
+
+
+@router.post("/v1/images/generations", dependencies=[Depends(admit)])
+async def images_generations(body: OAIImageRequest, request: Request):
+    server_of(request).check_model(body.model)
+    return await _images_response(request, body, lambda engine: body.prompt, "image_generation")
+
+
+_EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    **OAIImageRequest.model_json_schema(), "properties": {
+        **OAIImageRequest.model_json_schema()["properties"],
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+@router.post("/v1/images/edits", dependencies=[Depends(admit)], openapi_extra=_EDIT_BODY)
+async def images_edits(request: Request):
+    body, pictures = await _edit_form(request, server_of(request).config.engine.max_prompt_images)
+    server_of(request).check_model(body.model)
+
+    def prompt(engine):  # on the engine's thread: the pictures through the VAE encoder
+        return prompts.edit_prompt(engine.tokenizer, body.prompt, [engine.encode_image(p) for p in pictures])
+
+    return await _images_response(request, body, prompt, "image_edit")
+
+
+async def _edit_form(request: Request, max_images: int):
+    """The multipart form -> (the fields, validated as for generations; the pictures). 400: no picture, too
+    many, a mask (not supported), an unreadable picture; 422: a bad field."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "/v1/images/edits takes multipart/form-data (the image files and the fields)")
+    form = await request.form()
+    if "mask" in form:
+        raise APIError(400, "mask is not supported: the whole picture is edited", param="mask")
+    files = [v for k, v in form.multi_items() if k in ("image", "image[]")]
+    if not files or not all(isinstance(f, UploadFile) for f in files):
+        raise APIError(400, "an edit needs one or more `image` files", param="image")
+    if len(files) > max_images:
+        raise APIError(400, f"{len(files)} images; at most {max_images}", param="image")
+    fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+    try:
+        body = OAIImageRequest.model_validate(fields)
+    except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+    try:
+        pictures = [decode_image(await f.read()) for f in files]
+    except ValueError as e:
+        raise APIError(400, str(e), param="image") from e
+    return body, pictures
+
+
+async def _images_response(request: Request, body: OAIImageRequest, prompt_of, event: str):
+    """`prompt_of(engine)` -> the prompt (a text, or segments), called on the engine's thread; `event`: the
+    streamed events' type prefix ("image_generation", "image_edit")."""
+    server = server_of(request)
+    size = server.check_size(body.size)
+    preview_every = 0
+    if body.stream and body.partial_images:
+        steps = body.denoising_steps or server.default_steps
+        preview_every = max(1, steps // (body.partial_images + 1))
+
+    def add(engine):
+        return engine.add_image(prompt_of(engine), negative_prompt=body.negative_prompt, n=body.n, size=size,
+                                steps=body.denoising_steps, guidance_scale=body.guidance_scale, seed=body.seed,
+                                preview_every=preview_every)
+
+    events = await start(request, add)
+    created = int(time.time())
+    if not body.stream:
+        return image_result(await final(request, events), created, body.prompt)
+
+    async def stream():
+        partial = 0
+        async for ev in events:
+            if ev.kind == "step" and ev.preview is not None and partial < body.partial_images:
+                for b64 in await asyncio.to_thread(server.preview_b64, ev.preview):
+                    yield {"type": f"{event}.partial_image", "b64_json": b64,
+                           "partial_image_index": partial, "created_at": created}
+                partial += 1
+            elif ev.kind == "done":
+                result = image_result(ev, created, body.prompt)
+                for item in result["data"]:
+                    yield {"type": f"{event}.completed", "b64_json": item["b64_json"],
+                           "created_at": created, "usage": result["usage"]}
+
+    return sse_response(stream())
