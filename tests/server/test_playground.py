@@ -36,7 +36,7 @@ def test_the_page_and_its_files_are_public_and_use_only_the_api():
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
-    assert {"/static/app.js", "/static/style.css"} <= set(assets)
+    assert {"/static/app.js", "/static/conversation.js", "/static/style.css"} <= set(assets)
     for asset in assets:  # served without the key, byte for byte
         r = client.get(asset)
         assert r.status_code == 200, asset
@@ -49,11 +49,11 @@ def test_the_page_and_its_files_are_public_and_use_only_the_api():
     assert "/" not in app.openapi()["paths"]  # the page is no API route (schemathesis fuzzes those)
 
     # The page calls only the public API's routes, and loads nothing from anywhere else.
-    script = (STATIC / "app.js").read_text()
+    script = (STATIC / "app.js").read_text() + (STATIC / "conversation.js").read_text()
     called = set(re.findall(r'"(/v1/[\w/-]+)"', script))
-    assert called == {"/v1/models", "/v1/generate-image", "/v1/caption", "/v1/chat"}
+    assert called == {"/v1/models", "/v1/generate-image", "/v1/caption", "/v1/chat", "/v1/images/edits"}
     assert called <= set(app.openapi()["paths"])
-    for name in ("index.html", "app.js", "style.css"):
+    for name in ("index.html", "app.js", "conversation.js", "style.css"):
         assert not re.search(r"(https?:)?//[\w.-]+\.\w+/", (STATIC / name).read_text()), name
 
 
@@ -325,3 +325,60 @@ def test_a_keyed_server_shows_the_401_readably_then_works_with_the_key(page, ran
         page.wait_for_selector("#chat[data-state=error]")
         assert page.text_content("#chat [role=alert]") == missing and page.input_value("#chat-input") == "again"
         assert page.locator("#chat-log .message").count() == 2
+
+
+def test_conversation_with_pictures_image_answers_and_an_edit(page, random_checkpoint_dir, tmp_path):
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"picture-{i}.png")
+        shape_sample(9, i)[1].save(files[-1])
+    uris = ["data:image/png;base64," + base64.b64encode(f.read_bytes()).decode() for f in files]
+    with serving(random_checkpoint_dir) as url:
+        sent = []
+        page.on("request", lambda r: sent.append(r) if r.url.endswith(("/v1/chat", "/v1/images/edits")) else None)
+
+        def chat(body: dict) -> dict:
+            r = httpx.post(url + "/v1/chat", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]
+
+        page.goto(url)
+        page.set_input_files("#chat-file", [str(f) for f in files])
+        page.wait_for_selector("#chat-attached img >> nth=1")
+        page.fill("#chat-input", "what are these")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        first = {"role": "user", "content": [{"type": "text", "text": "what are these"}] + [
+            {"type": "image_url", "image_url": {"url": u}} for u in uris]}
+        assert sent[-1].post_data_json["messages"] == [first]  # both pictures, where the user put them
+        answer = chat({"messages": [first]})["content"]
+        assert page.locator("#chat-log .assistant .text").nth(0).text_content() == answer
+        assert page.locator("#chat-log .user img").count() == 2 and page.is_hidden("#chat-attached")
+
+        # An image back: the whole conversation is its prompt.
+        page.select_option("#chat-mode", "image")
+        page.fill("#chat-seed", "3")
+        page.fill("#chat-input", "draw one")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        history = [first, {"role": "assistant", "content": answer}, {"role": "user", "content": "draw one"}]
+        drawn = chat({"messages": history, "modalities": ["image"], "seed": 3})["images"]
+        shown = page.locator("#chat-log .assistant").nth(1).locator("img")
+        assert shown.count() == 1 and shown.get_attribute("src") == drawn[0]["image_url"]["url"]
+
+        # An edit of an attached picture, then a text turn whose history holds the model's images.
+        page.select_option("#chat-mode", "edit")
+        page.set_input_files("#chat-file", [str(files[0])])
+        page.fill("#chat-seed", "4")
+        page.fill("#chat-input", "make it blue")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        assert sent[-1].url.endswith("/v1/images/edits")
+        r = httpx.post(url + "/v1/images/edits", files=[("image[]", ("p.png", files[0].read_bytes(), "image/png"))],
+                       data={"prompt": "make it blue", "seed": "4"}, timeout=60)
+        edited = page.locator("#chat-log .assistant").nth(2).locator("img")
+        assert edited.get_attribute("src") == "data:image/png;base64," + r.json()["data"][0]["b64_json"]
+        page.select_option("#chat-mode", "text")
+        page.fill("#chat-input", "thanks")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        messages = sent[-1].post_data_json["messages"]
+        assert len(messages) == 7 and messages[3]["images"] == drawn
+        assert messages[5]["images"][0]["image_url"]["url"] == edited.get_attribute("src")
+        shot(page, "conversation")
