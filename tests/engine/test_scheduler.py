@@ -44,3 +44,27 @@ def test_only_the_unconditional_prompt_stays_pinned(random_checkpoint_dir):
     assert engine.scheduler.prompt_cache[empty] == blocks and third.tables["uncond"] == blocks  # kept across
     engine.run([third.id])
     assert_all_free(engine)
+
+
+def test_without_a_bos_a_one_token_negative_prompt_is_not_pinned(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    engine.tokenizer.bos_token = None  # a tokenizer with no <bos>: the empty prompt is no token at all
+    assert prompts.generation_prompt(engine.tokenizer, "") == []
+    first = engine.requests[engine.add_image("a red circle", negative_prompt="blue", seed=1, steps=2)]
+    negative = first.keys["uncond"]
+    assert len(negative) == 1
+    engine.run([first.id])
+    assert negative not in engine.scheduler.prompt_cache and not engine.scheduler.pinned
+    engine.run([engine.add_image("a red circle", seed=1, steps=2, guidance_scale=2.0)])
+    assert engine.scheduler.pinned == {()}
+
+
+def test_an_image_prompt_longer_than_the_context_is_refused(random_checkpoint_dir):
+    engine = make_engine(random_checkpoint_dir)
+    limit = engine.scheduler.max_model_len
+    fits = engine.add_image([[2] * (limit - 16 - 2)], seed=1, steps=1)  # prompt, <boi>, 16 tokens, <eoi>
+    over = engine.add_image([[2] * (limit - 16 - 1)], seed=1, steps=1)
+    done = engine.run([fits, over])
+    assert done[fits].finish_reason == "stop"
+    assert done[over].finish_reason == "error" and "longer than the model's context" in done[over].error
+    assert_all_free(engine)

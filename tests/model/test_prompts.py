@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -103,3 +105,15 @@ def test_without_a_chat_template_role_lines_with_pictures(tmp_path):
     assert got == [tok("user: a red ").input_ids, "image 0", ids(tok, "\nassistant:")]
     plain = [{"role": "user", "content": "a red circle"}]
     assert prompts.conversation(tok, plain, []) == [tok("user: a red circle\nassistant:").input_ids]
+
+
+def test_a_template_that_refuses_the_conversation_is_a_value_error(tok):
+    strict = copy.deepcopy(tok)
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}" \
+                           "{% endif %}{{ messages[0]['content'] }}"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    for build in (lambda: prompts.chat_prompt(strict, messages),
+                  lambda: prompts.conversation(strict, messages[:1] + [{"role": "user", "content": [
+                      {"type": "image"}]}], pictures(1))):
+        with pytest.raises(ValueError, match="refused the conversation: no system role"):
+            build()

@@ -188,3 +188,26 @@ def test_cancelling_a_streamed_image_chat_frees_every_block(live):
               for t in engine.runner.pools}
     for t, pool in engine.runner.pools.items():
         assert pool.blocks.num_free + pinned[t] >= free[t] and pool.blocks.num_free + pinned[t] == pool.blocks.num_blocks
+
+
+def test_the_native_chat_route_takes_the_same_conversations(live):
+    url, engine, client = live
+    messages = [{"role": "user", "content": [image_part(picture(8)), {"type": "text", "text": "what is it"}]}]
+    with httpx.Client(base_url=url, timeout=60) as h:
+        native = h.post("/v1/chat", json={"messages": messages, "max_tokens": 4}).json()
+        openai_ = h.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "temperature": 0})
+        assert native["choices"][0]["message"] == openai_.json()["choices"][0]["message"]
+        assert native["usage"]["prompt_tokens"] > 16  # the picture's tokens
+        drawn = h.post("/v1/chat", json={"messages": messages, "modalities": ["image"], "steps": 1, "seed": 2})
+        assert len(images_of(drawn.json()["choices"][0]["message"])) == 1
+
+
+def test_n_choices_share_one_encoding_of_the_pictures(live, monkeypatch):
+    url, engine, client = live
+    calls = []
+    encode = engine.encode_image
+    monkeypatch.setattr(engine, "encode_image", lambda image: calls.append(1) or encode(image))
+    messages = [{"role": "user", "content": [image_part(picture(9)), image_part(picture(10))]}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, n=3, temperature=1.0,
+                                          seed=4)
+    assert len(chat.choices) == 3 and len(calls) == 2  # two pictures, encoded once for the three choices

@@ -143,13 +143,16 @@ def test_logprobs_on_chat_and_completions(client):
                                                           "ignore_eos": True}).json()
     lp = r["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(4)]
+    text = r["choices"][0]["text"]
+    assert "".join(lp["tokens"]) == text  # each token's text as it reads in the answer, spaces included
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]))
     for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):  # greedy: the chosen is the likeliest
         assert 1 <= len(top) <= 2 and chosen == pytest.approx(max(top.values())) and chosen <= 0  # keyed by text
     chat = client.post("/v1/chat/completions", json=CHAT | {"temperature": 0, "logprobs": True, "top_logprobs": 3,
                                                             "ignore_eos": True}).json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and all(len(c["top_logprobs"]) == 3 for c in content)
+    assert "".join(c["token"] for c in content) == chat["choices"][0]["message"]["content"]
     assert all(c["bytes"] == list(c["token"].encode()) for c in content)
     plain = client.post("/v1/chat/completions", json=CHAT).json()
     assert plain["choices"][0]["logprobs"] is None

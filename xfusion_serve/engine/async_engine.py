@@ -72,7 +72,8 @@ class AsyncEngine:
         return len(s.text) + len(s.images), len(s.waiting) + self._inbox.qsize()
 
     async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
-        """Adds a request (on the engine thread) and yields its events until its done event."""
+        """Adds a request (on the engine thread) and yields its events until its done event. Token events
+        that queued up while the consumer was busy come as one (text, token ids and log-probabilities joined)."""
         loop = asyncio.get_running_loop()
         sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
         with self._failing:
@@ -84,6 +85,15 @@ class AsyncEngine:
             request_id = await sub.ready  # raises what adding raised (bad input)
             while True:
                 ev = await sub.events.get()
+                # A consumer that fell behind gets the tokens waiting for it as one event (vLLM's stream
+                # interval, but only when behind): one chunk to serialise and send instead of several.
+                while ev.kind == "token" and not sub.events.empty():
+                    nxt = sub.events.get_nowait()
+                    if nxt.kind != "token":
+                        yield ev
+                        ev = nxt
+                        break
+                    ev = ev.merged(nxt)
                 yield ev
                 if ev.kind == "done":
                     return

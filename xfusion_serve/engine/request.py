@@ -43,6 +43,7 @@ class TextRequest:
 
     def __post_init__(self):
         self.generator = self.params.generator()
+        self.prompt_len = sequence_length(self.prompt, self.patch_size)  # read every step: counted once
 
     @property
     def has_images(self) -> bool:
@@ -51,10 +52,6 @@ class TextRequest:
     @property
     def image_tokens(self) -> int:
         return sum(image_tokens(s.latent, self.patch_size) for s in self.prompt if isinstance(s, ImageSegment))
-
-    @property
-    def prompt_len(self) -> int:
-        return sequence_length(self.prompt, self.patch_size)
 
     @property
     def length(self) -> int:
@@ -80,6 +77,7 @@ class ImageRequest:
     latents: torch.Tensor  # [n, C, h, w], the current x_sigma of every image
     preview_every: int = 0
     patch_size: int = 2
+    shared_negative: bool = False  # `negative` is the empty prompt every guided request shares (kept pinned)
     id: str = field(default_factory=lambda: f"img-{next(_ids)}")
     step: int = 0
     tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # "cond"/"uncond" -> tower -> blocks
@@ -98,13 +96,19 @@ class ImageRequest:
     def __post_init__(self):
         # The prompt cache's keys, hashed once (an image's digest reads its latent).
         self.keys = {"cond": sequence_key(self.prompt), "uncond": sequence_key(self.negative)}
+        self._lengths = {"cond": sequence_length(self.prompt, self.patch_size) + 1,
+                         "uncond": sequence_length(self.negative, self.patch_size) + 1}
 
     def prompt_of(self, role: str) -> list[Segment]:
         return self.prompt if role == "cond" else self.negative
 
+    @property
+    def image_tokens(self) -> int:
+        return image_tokens(self.latents, self.patch_size)
+
     def prompt_len(self, role: str) -> int:
         """Positions of that role's prompt, its begin-of-image included: where the image's tokens start."""
-        return sequence_length(self.prompt_of(role), self.patch_size) + 1
+        return self._lengths[role]
 
 
 @dataclass
@@ -125,3 +129,10 @@ class Event:
     error_type: str | None = None  # "invalid_request_error" (the request itself) or "server_error"
     prompt_tokens: int = 0  # done (text requests): the prompt's length, image tokens included
     logprobs: list[TokenLogprobs] | None = None  # token / done: those of token_ids, when the request asked
+
+    def merged(self, later: "Event") -> "Event":
+        """Two token events of one request as one: the text, token ids and log-probabilities of both."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return Event(self.request_id, "token", text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                     logprobs=logprobs)

@@ -72,6 +72,11 @@ class Scheduler:
             if key not in self.prompt_cache:
                 for t in self.prompt_towers:
                     needs[t] += self.pools[t].blocks_needed(req.prompt_len(role))
+        length = max(req.prompt_len(role) for role in roles) + req.image_tokens + 1  # <boi> prompt, image, <eoi>
+        if length > self.max_model_len:
+            plan.failed.append((req, f"the prompt and the image ({length} tokens) are longer than the model's "
+                                     f"context ({self.max_model_len})"))
+            return True
         if any(n > self.capacity(t) for t, n in needs.items()):
             plan.failed.append((req, "the prompt does not fit the KV cache"))
             return True
@@ -85,7 +90,7 @@ class Scheduler:
                 self.prompt_cache[key] = {t: self.pools[t].blocks.allocate(self.pools[t].blocks_needed(
                     req.prompt_len(role))) for t in self.prompt_towers}
                 plan.prompts.append((req, role))
-                if role == "uncond" and len(key) <= 1:  # the empty prompt (<bos>): every request shares it
+                if role == "uncond" and req.shared_negative:  # the empty prompt: every request shares it
                     plan.pin.append(key)
             req.tables[role] = {t: self.pools[t].blocks.share(b) for t, b in self.prompt_cache[key].items()}
         req.admitted_at = time.monotonic()

@@ -9,8 +9,10 @@ conversation: the tokenizer's chat template over every message, each picture whe
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from .sequence import ImageSegment, Segment
@@ -53,8 +55,10 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add
     continued, with no generation prompt after it (as transformers and vLLM do)."""
     if tokenizer.chat_template:
         _check_continue(messages, continue_final_message)
-        return tokenizer.apply_chat_template(messages, return_dict=False, continue_final_message=continue_final_message,
-                                             add_generation_prompt=add_generation_prompt and not continue_final_message)
+        with _template_errors():
+            return tokenizer.apply_chat_template(
+                messages, return_dict=False, continue_final_message=continue_final_message,
+                add_generation_prompt=add_generation_prompt and not continue_final_message)
     return _text(tokenizer, _render(tokenizer, messages, add_generation_prompt, continue_final_message), True)
 
 
@@ -101,12 +105,24 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_genera
             continue_final_message: bool) -> str:
     _check_continue(messages, continue_final_message)
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=continue_final_message,
-                                             add_generation_prompt=add_generation_prompt and not continue_final_message)
+        with _template_errors():
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, continue_final_message=continue_final_message,
+                add_generation_prompt=add_generation_prompt and not continue_final_message)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     if continue_final_message:
         return text[:-1]
     return text + ("assistant:" if add_generation_prompt else "")
+
+
+@contextlib.contextmanager
+def _template_errors():
+    """A chat template that refuses the conversation (roles that must alternate, no system role, ...) says
+    why in a jinja2 error: a ValueError here, which the server answers with a 400."""
+    try:
+        yield
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template refused the conversation: {e}") from e
 
 
 def _check_continue(messages: list[dict], continue_final_message: bool) -> None:

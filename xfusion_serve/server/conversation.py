@@ -3,6 +3,7 @@ engine request it becomes: a text answer, or images drawn with the whole convers
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -22,6 +23,7 @@ class Conversation:
 
     messages: list[dict]
     images: list[Image.Image]
+    pictures: list | None = None  # their VAE latents, encoded once on the engine thread for every choice
 
 
 async def fetch_image(url: str, allowed: list[str]) -> Image.Image:
@@ -45,14 +47,15 @@ async def fetch_image(url: str, allowed: list[str]) -> Image.Image:
                         raise APIError(400, f"image larger than {MAX_IMAGE_BYTES} bytes", param="messages")
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise APIError(400, f"could not fetch the image ({type(e).__name__})", param="messages") from e
-    return decode_image(data)
+    return await asyncio.to_thread(decode_image, data)
 
 
 async def load_image(url: str, allowed_domains: list[str]) -> Image.Image:
+    """A data URI or an allowed http(s) URL -> the picture, decoded off the event loop."""
     try:
         if url.startswith(("http://", "https://")):
             return await fetch_image(url, allowed_domains)
-        return image_from_base64(url)
+        return await asyncio.to_thread(image_from_base64, url)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from e
 
@@ -102,8 +105,9 @@ def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingPara
                      continue_final_message: bool = False) -> str:
     """Runs on the engine's thread: the pictures through the VAE encoder, the conversation's segments, then a
     text request (`params`) or an image request (`image`). -> the request id. ValueError: a bad conversation."""
-    pictures = [engine.encode_image(im) for im in conv.images]
-    segments = prompts.conversation(engine.tokenizer, conv.messages, pictures,
+    if conv.pictures is None:
+        conv.pictures = [engine.encode_image(im) for im in conv.images]
+    segments = prompts.conversation(engine.tokenizer, conv.messages, conv.pictures,
                                     add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message)
     if image is not None:

@@ -9,14 +9,12 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ..model import prompts
 from .openai_schemas import OAIImageRequest
 from .schemas import decode_image
-from .serving import APIError, admit, final, image_result, server_of, sse_response, start
+from .serving import APIError, admit, final, image_result, server_of, sse_response, start, validate_body
 
 router = APIRouter()
 
@@ -35,8 +33,7 @@ _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
 
 @router.post("/v1/images/edits", dependencies=[Depends(admit)], openapi_extra=_EDIT_BODY)
 async def images_edits(request: Request):
-    body, pictures = await _edit_form(request, server_of(request).config.engine.max_prompt_images)
-    server_of(request).check_model(body.model)
+    body, pictures = await _edit_form(request, server_of(request))
 
     def prompt(engine):  # on the engine's thread: the pictures through the VAE encoder
         return prompts.edit_prompt(engine.tokenizer, body.prompt, [engine.encode_image(p) for p in pictures])
@@ -44,9 +41,11 @@ async def images_edits(request: Request):
     return await _images_response(request, body, prompt, "image_edit")
 
 
-async def _edit_form(request: Request, max_images: int):
+async def _edit_form(request: Request, server):
     """The multipart form -> (the fields, validated as for generations; the pictures). 400: no picture, too
-    many, a mask (not supported), an unreadable picture; 422: a bad field."""
+    many, a mask (not supported), an untrained size, an unreadable picture; 404: a model not served; 422: a bad
+    field. The pictures are decoded last, off the event loop."""
+    max_images = server.config.engine.max_prompt_images
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "/v1/images/edits takes multipart/form-data (the image files and the fields)")
     form = await request.form()
@@ -57,13 +56,11 @@ async def _edit_form(request: Request, max_images: int):
         raise APIError(400, "an edit needs one or more `image` files", param="image")
     if len(files) > max_images:
         raise APIError(400, f"{len(files)} images; at most {max_images}", param="image")
-    fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+    body = validate_body(OAIImageRequest, {k: v for k, v in form.multi_items() if k not in ("image", "image[]")})
+    server.check_model(body.model)
+    server.check_size(body.size)
     try:
-        body = OAIImageRequest.model_validate(fields)
-    except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
-    try:
-        pictures = [decode_image(await f.read()) for f in files]
+        pictures = [await asyncio.to_thread(decode_image, await f.read()) for f in files]
     except ValueError as e:
         raise APIError(400, str(e), param="image") from e
     return body, pictures
@@ -87,7 +84,7 @@ async def _images_response(request: Request, body: OAIImageRequest, prompt_of, e
     events = await start(request, add)
     created = int(time.time())
     if not body.stream:
-        return image_result(await final(request, events), created, body.prompt)
+        return await asyncio.to_thread(image_result, await final(request, events), created, body.prompt)
 
     async def stream():
         partial = 0
@@ -98,7 +95,7 @@ async def _images_response(request: Request, body: OAIImageRequest, prompt_of, e
                            "partial_image_index": partial, "created_at": created}
                 partial += 1
             elif ev.kind == "done":
-                result = image_result(ev, created, body.prompt)
+                result = await asyncio.to_thread(image_result, ev, created, body.prompt)
                 for item in result["data"]:
                     yield {"type": f"{event}.completed", "b64_json": item["b64_json"],
                            "created_at": created, "usage": result["usage"]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from .chat import chat_response
-from .logprobs import completion_logprobs
+from .logprobs import TokenTexts
 from .openai_schemas import OAIChatRequest, OAICompletionRequest, OpenAIFields
 from .serving import APIError, admit, sampling_params, server_of, text_response
 
@@ -41,7 +41,7 @@ async def completions(body: OAICompletionRequest, request: Request):
     if body.max_completion_tokens:
         body.max_tokens = body.max_completion_tokens
     ids = server.tokenizer(body.prompt).input_ids
-    offsets = {}  # streamed: the characters each choice's earlier chunks held, for text_offset
+    texts: dict[int, TokenTexts] = {}  # per choice: streamed chunks' tokens read in their context
 
     def shape(kind, **k):
         if kind == "id":
@@ -52,10 +52,8 @@ async def completions(body: OAICompletionRequest, request: Request):
         if kind == "full":
             return base | {"usage": k["usage"], "choices": [
                 {"index": c["index"], "text": c["text"], "finish_reason": c["finish"],
-                 "logprobs": completion_logprobs(server.tokenizer, c["logprobs"])} for c in k["choices"]]}
-        lp = completion_logprobs(server.tokenizer, k["logprobs"], offsets.get(k["index"], 0))
-        if lp is not None:
-            offsets[k["index"]] = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else 0
+                 "logprobs": TokenTexts(server.tokenizer).completion(c["logprobs"])} for c in k["choices"]]}
+        lp = texts.setdefault(k["index"], TokenTexts(server.tokenizer)).completion(k["logprobs"])
         return base | {"choices": [{"index": k["index"], "text": k["text"] or "", "finish_reason": k["finish"],
                                     "logprobs": lp}]}
 

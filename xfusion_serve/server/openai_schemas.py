@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from .schemas import GenerationFields, Message, SamplingFields, StrictModel
+from .schemas import ConversationFields, GenerationFields, SamplingFields, StrictModel
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; accepted, usage comes once at the end
+    include_obfuscation: bool | None = None  # OpenAI's; nothing to obfuscate here
 
 
 # OpenAI's fields this server has nothing behind, with the values that ask for nothing.
@@ -64,26 +65,18 @@ class OpenAIFields(StrictModel):
 
 
 class OAISampling(OpenAIFields, SamplingFields):
-    n: int = Field(default=1, ge=1, le=8)  # choices; with a seed s, choice i is sampled with seed s + i
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
 
 
-class OAIChatRequest(OAISampling, GenerationFields):
-    messages: list[Message] = Field(min_length=1, max_length=512)
+class OAIChatRequest(OAISampling, ConversationFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1)
-    add_generation_prompt: bool = True  # vLLM's: False leaves the prompt as the template renders the messages
-    continue_final_message: bool = False  # vLLM's: the last (assistant) message is continued, left open
-
-    @property
-    def wants_image(self) -> bool:
-        return "image" in self.modalities
 
 
 class OAICompletionRequest(OAISampling):
     prompt: str = Field(min_length=1, max_length=100_000)
+    n: int = Field(default=1, ge=1, le=8)  # choices; with a seed s, choice i is sampled with seed s + i
     max_tokens: int = Field(default=16, ge=1, le=8192)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=5)  # OpenAI's legacy completions: up to 5
     best_of: int | None = None

@@ -7,16 +7,14 @@ import json
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import ValidationError
 
 from ..engine.engine import Engine
 from .chat import chat_response
 from .schemas import CaptionRequest, ChatRequest, ImageRequest, decode_image, image_from_base64
 from .serving import (APIError, admit, final, image_result, sampling_params, server_of, sse_response, start,
-                      text_response)
+                      text_response, validate_body)
 
 router = APIRouter()
 
@@ -28,7 +26,8 @@ async def chat(body: ChatRequest, request: Request):
 
 
 async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
-    """JSON with a base64 image, or a multipart upload (an `image` file plus the same fields as form fields)."""
+    """JSON with a base64 image, or a multipart upload (an `image` file plus the same fields as form fields);
+    the image decoded off the event loop."""
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form()
@@ -36,16 +35,14 @@ async def _caption_body(request: Request) -> tuple[CaptionRequest, Image.Image]:
             if upload is None or isinstance(upload, str):
                 raise APIError(422, "image: a multipart caption request needs an `image` file", param="image")
             data = await upload.read()
-            body = CaptionRequest.model_validate({k: v for k, v in form.items() if k != "image"} | {"image": ""})
-            return body, decode_image(data)
+            body = validate_body(CaptionRequest, {k: v for k, v in form.items() if k != "image"} | {"image": ""})
+            return body, await asyncio.to_thread(decode_image, data)
         try:
             raw = json.loads(await request.body())
         except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
             raise APIError(400, f"the body could not be parsed as JSON ({type(e).__name__})") from e
-        body = CaptionRequest.model_validate(raw)
-        return body, image_from_base64(body.image)
-    except ValidationError as e:  # located as FastAPI locates body fields, so `param` names the field
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+        body = validate_body(CaptionRequest, raw)
+        return body, await asyncio.to_thread(image_from_base64, body.image)
     except ValueError as e:
         raise APIError(400, str(e), param="image") from e
 
@@ -95,7 +92,7 @@ async def generate_image(body: ImageRequest, request: Request):
     events = await start(request, add)
     created = int(time.time())
     if not body.stream:
-        return image_result(await final(request, events), created, body.prompt)
+        return await asyncio.to_thread(image_result, await final(request, events), created, body.prompt)
 
     async def steps():
         async for ev in events:
@@ -105,7 +102,7 @@ async def generate_image(body: ImageRequest, request: Request):
                     step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
                 yield step
             elif ev.kind == "done":
-                yield {"type": "completed"} | image_result(ev, created, body.prompt)
+                yield {"type": "completed"} | await asyncio.to_thread(image_result, ev, created, body.prompt)
 
     return sse_response(steps())
 

@@ -83,16 +83,23 @@ class SamplingFields(StrictModel):
         return stops
 
 
-class ChatRequest(SamplingFields, GenerationFields):
-    """/v1/chat: OpenAI's messages (pictures as image_url parts anywhere), the native defaults (greedy)."""
+class ConversationFields(GenerationFields):
+    """What every chat route takes beyond sampling: the conversation, the answer's kind, its choices."""
 
     messages: list[Message] = Field(min_length=1, max_length=512)
     modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1)
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1, le=8)  # text: n choices (seed s: choice i samples with s + i); image: n images
+    add_generation_prompt: bool = True  # vLLM's: False leaves the prompt as the template renders the messages
+    continue_final_message: bool = False  # vLLM's: the last (assistant) message is continued, left open
 
     @property
     def wants_image(self) -> bool:
+        """An image answer: modalities ["image"] or ["text", "image"] (the turn is then the image)."""
         return "image" in self.modalities
+
+
+class ChatRequest(SamplingFields, ConversationFields):
+    """/v1/chat: OpenAI's messages (pictures as image_url parts anywhere), the native defaults (greedy)."""
 
 
 class CaptionRequest(SamplingFields):

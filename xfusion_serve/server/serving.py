@@ -15,7 +15,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from ..engine.async_engine import EngineFailed
 from ..engine.request import Event
@@ -32,6 +34,15 @@ class APIError(Exception):
 def error_response(err: APIError) -> JSONResponse:
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
     return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def validate_body(model, fields: dict):
+    """A body read by hand (a multipart form) -> `model`; its errors located as FastAPI locates body fields (so
+    the 422 names the field), as for a JSON body."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
 
 
 def server_of(request: Request):
@@ -81,26 +92,41 @@ def _give_back_place(request: Request) -> None:
 async def start(request: Request, add) -> AsyncIterator[Event]:
     """Queues a request; whatever refuses it before its first event becomes an HTTP error.
     -> an iterator over all of its events."""
+    return (await start_all(request, [add]))[0]
+
+
+async def start_all(request: Request, adds: list) -> list[AsyncIterator[Event]]:
+    """Queues every part of a request (its n choices) at once, so that they are prefilled together; if one is
+    refused, the others are cancelled and the refusal becomes the HTTP error. -> one event iterator each."""
     server = server_of(request)
     _give_back_place(request)
     # No await from here to the queue: the check and the queueing are one step for the event loop.
     _refuse_when_full(server, server.admitting)
-    stream = server.engine.submit(add)
-    try:
-        first = await anext(stream)
-    except ValueError as e:  # the engine refused the input (a size it was not trained on, ...)
-        raise APIError(400, str(e)) from e
-    except EngineFailed as e:
-        raise APIError(503, f"the engine has failed ({e}); the server needs a restart", "service_unavailable") from e
-    if first.kind == "done" and first.finish_reason == "error":
-        raise done_error(first)
+    streams = [server.engine.submit(add) for add in adds]
+    firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    refused = next((f for f in firsts if isinstance(f, BaseException) or (
+        f.kind == "done" and f.finish_reason == "error")), None)
+    if refused is not None:
+        for s in streams:
+            await s.aclose()  # AsyncEngine.submit's `finally` cancels a request that was queued
+        if isinstance(refused, ValueError):  # the engine refused the input (a size it was not trained on, ...)
+            raise APIError(400, str(refused)) from refused
+        if isinstance(refused, EngineFailed):
+            raise APIError(503, f"the engine has failed ({refused}); the server needs a restart",
+                           "service_unavailable") from refused
+        if isinstance(refused, BaseException):
+            raise refused
+        raise done_error(refused)
 
-    async def events():
-        yield first
-        async for ev in stream:
-            yield ev
+    async def events(first: Event, stream: AsyncIterator[Event]):
+        try:
+            yield first
+            async for ev in stream:
+                yield ev
+        finally:
+            await stream.aclose()
 
-    return events()
+    return [events(f, s) for f, s in zip(firsts, streams)]
 
 
 async def final(request: Request, events: AsyncIterator[Event]) -> Event:
@@ -140,24 +166,14 @@ async def final_all(request: Request, streams: list[AsyncIterator[Event]]) -> li
     return dones
 
 
-async def start_all(request: Request, adds: list) -> list[AsyncIterator[Event]]:
-    """`start` for each of a request's parts (n choices); if one is refused, those already queued are cancelled."""
-    streams = []
-    try:
-        for add in adds:
-            streams.append(await start(request, add))
-    except BaseException:
-        for s in streams:
-            await s.aclose()  # AsyncEngine.submit's `finally` cancels the request
-        raise
-    return streams
-
-
 async def merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
     """The events of several requests as they come, each with its index; closing it cancels them all."""
     if len(streams) == 1:  # the common case: no task or queue between the engine and the response
-        async for ev in streams[0]:
-            yield 0, ev
+        try:
+            async for ev in streams[0]:
+                yield 0, ev
+        finally:
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -245,16 +261,18 @@ async def text_response(request: Request, adds: list, stream: bool, shape, inclu
             first = shape("first", rid=rid, created=created, index=i)
             if first is not None:
                 yield first
-        async for i, ev in merged(streams):
-            if ev.kind == "token" and (ev.text or ev.logprobs):
-                sent[i] += ev.text
-                yield shape("chunk", rid=rid, created=created, index=i, text=ev.text, finish=None, logprobs=ev.logprobs)
-            elif ev.kind == "done":
-                if ev.finish_reason == "error":
-                    raise done_error(ev)
-                dones[i] = ev
-                yield shape("chunk", rid=rid, created=created, index=i, text=ev.text[len(sent[i]):],
-                            finish=ev.finish_reason, logprobs=ev.logprobs)
+        async with contextlib.aclosing(merged(streams)) as events:  # closed at once, not by the collector
+            async for i, ev in events:
+                if ev.kind == "token" and (ev.text or ev.logprobs):
+                    sent[i] += ev.text
+                    yield shape("chunk", rid=rid, created=created, index=i, text=ev.text, finish=None,
+                                logprobs=ev.logprobs)
+                elif ev.kind == "done":
+                    if ev.finish_reason == "error":
+                        raise done_error(ev)
+                    dones[i] = ev
+                    yield shape("chunk", rid=rid, created=created, index=i, text=ev.text[len(sent[i]):],
+                                finish=ev.finish_reason, logprobs=ev.logprobs)
         if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
             last = shape("chunk", rid=rid, created=created, index=0, text="", finish=None, logprobs=None)
             yield last | {"choices": [], "usage": _usage(list(dones.values()))}
