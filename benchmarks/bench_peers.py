@@ -42,8 +42,8 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, out: dict) -> None:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, out: dict) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     stamps, usage = [], None
@@ -68,8 +68,9 @@ async def http_wave(url: str, concurrency: int, max_tokens: int) -> dict:
     out = {"tokens": 0, "ttft": [], "itl": []}
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]  # the name each server serves under
         start = time.perf_counter()
-        await asyncio.gather(*(one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, out)
+        await asyncio.gather(*(one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens, out)
                                for i in range(concurrency)))
         out["seconds"] = time.perf_counter() - start
     return out
