@@ -1,0 +1,102 @@
+"""The shapes world's conversation tasks (demo/tasks.py), checked against the spec's own checker."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from xfusion_serve import EMBEDDED_CHECKPOINT, ImageSegment
+from xfusion_serve.demo.shapes import ATTRIBUTES, read_caption, read_image
+from xfusion_serve.demo.tasks import COMPARE, KINDS, QUESTIONS, make_task
+from xfusion_serve.model import prompts
+
+N = 300
+
+
+def text_of(task) -> str:
+    return task.messages[-1]["content"][-1]["text"]
+
+
+def box(image) -> tuple[int, int, int, int]:
+    """The object's bounding box (the checker's object pixels: farther than 60 from white)."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    ys, xs = np.nonzero(np.linalg.norm(px - 255.0, axis=-1) > 60)
+    return xs.min(), ys.min(), xs.max(), ys.max()
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_same_seed_and_index_give_the_same_task():
+    for i in range(20):
+        a, b = make_task(3, i), make_task(3, i)
+        assert (a.kind, a.messages, a.answer, a.target, a.named) == (b.kind, b.messages, b.answer, b.target, b.named)
+        assert [png(p) for p in a.pictures] == [png(p) for p in b.pictures]
+    assert Counter(make_task(3, i).kind for i in range(N)).keys() == set(KINDS)
+    with pytest.raises(ValueError, match="unknown task kind"):
+        make_task(0, 0, "sing")
+
+
+def test_draw_prompts_name_exactly_the_attributes_asked_for_in_several_phrasings():
+    tasks = [make_task(0, i, "draw") for i in range(N)]
+    for t in tasks:
+        assert read_caption(text_of(t)) == {a: getattr(t.target, a) if a in t.named else None for a in ATTRIBUTES}
+    sizes = Counter(len(t.named) for t in tasks)
+    assert set(sizes) == {0, 1, 2, 3, 4} and 0.25 < sizes[4] / N < 0.45  # the full prompt a third of the time
+    styles = {(text_of(t).startswith("draw "), " that is " in text_of(t), ", " in text_of(t),
+               " corner" in text_of(t)) for t in tasks}
+    assert len(styles) >= 5  # "a ...", "draw ...", "... that is ...", "red circle, top left", "... corner"
+
+
+def test_answers_are_what_the_checker_reads_from_the_pictures():
+    which = {q: a for a, qs in QUESTIONS.items() for q in qs}
+    for i in range(N // 3):
+        q = make_task(1, i, "question")
+        assert q.answer == read_image(q.pictures[0])[which[text_of(q)]]
+        d = make_task(1, i, "describe")
+        assert read_caption(d.answer) == read_image(d.pictures[0])
+
+
+def test_an_edit_changes_one_attribute_and_keeps_the_other_three():
+    changed = Counter()
+    for i in range(N // 3):
+        t = make_task(2, i, "edit")
+        before, after = read_image(t.pictures[0]), read_image(t.target_image)
+        assert after == {a: getattr(t.target, a) for a in ATTRIBUTES}
+        diff = [a for a in ATTRIBUTES if before[a] != after[a]]
+        assert len(diff) == 1, (text_of(t), before, after)
+        changed[diff[0]] += 1
+        assert diff[0] != "size" or text_of(t) in ("make it bigger", "make it smaller")
+        if diff[0] in ("color", "shape"):  # the same picture otherwise: the same place (a triangle's
+            # rasterised edge may end a pixel short of the box)
+            assert np.abs(np.subtract(box(t.pictures[0]), box(t.target_image))).max() <= 1
+    assert set(changed) == set(ATTRIBUTES)
+
+
+def test_two_picture_questions_are_answered_by_the_checker_and_balanced():
+    which = {q: a for a, qs in COMPARE.items() for q in qs}
+    answers = Counter()
+    for i in range(N // 3):
+        t = make_task(4, i, "compare")
+        a, b = (read_image(p) for p in t.pictures)
+        assert t.answer == ("yes" if a[which[text_of(t)]] == b[which[text_of(t)]] else "no")
+        answers[t.answer] += 1
+    assert 0.35 < answers["yes"] / sum(answers.values()) < 0.65
+
+
+def test_tasks_become_the_servers_sequences():
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_CHECKPOINT / "text_tower")
+    for kind in ("question", "compare", "draw"):
+        t = make_task(5, 0, kind)
+        latents = [ImageSegment(torch.zeros(4, 8, 8), 0.0) for _ in t.pictures]
+        segments = prompts.conversation(tok, t.messages, latents)
+        assert sum(isinstance(s, ImageSegment) for s in segments) == len(t.pictures)
+        assert tok.decode(segments[-1]).endswith(f"{text_of(t)}<|eot|>\n<|assistant|>\n")
