@@ -69,8 +69,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.base_url:
         client = OverHTTP(args.base_url, concurrency=args.concurrency, api_key=args.api_key)
-        results = {"captioning": caption_accuracy(client.caption, args.captions),
-                   "generation": generation_accuracy(client.generate, args.images)}
+        results = {}
+        if args.captions:
+            results["captioning"] = caption_accuracy(client.caption, args.captions)
+        if args.images:
+            results["generation"] = generation_accuracy(client.generate, args.images)
     else:
         from .model.checkpoint import load_checkpoint
 
@@ -78,6 +81,10 @@ def _eval(args: argparse.Namespace) -> None:
         results = evaluate_in_process(ckpt, args.captions, args.images, steps=args.steps)
     for name, acc in results.items():
         print(report(name, acc))
+    if args.base_url and args.tasks:
+        from .demo.evaluate_tasks import task_accuracy, task_report
+
+        print(task_report(task_accuracy(client, args.tasks)))
 
 
 def _env(name: str, default, kind=str):
@@ -180,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", type=int, default=300, help="fresh images to caption")
     p.add_argument("--images", type=int, default=300, help="fresh prompts to draw")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="with --base-url: also this many conversation tasks of each kind (drawing from partial "
+                        "prompts, questions, edits, two-picture questions; demo/tasks.py)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
 

@@ -100,3 +100,44 @@ def test_tasks_become_the_servers_sequences():
         segments = prompts.conversation(tok, t.messages, latents)
         assert sum(isinstance(s, ImageSegment) for s in segments) == len(t.pictures)
         assert tok.decode(segments[-1]).endswith(f"{text_of(t)}<|eot|>\n<|assistant|>\n")
+
+
+def test_the_task_eval_scores_right_answers_right_and_wrong_ones_wrong(monkeypatch):
+    """The scoring of `xfusion-serve eval --tasks`, with an oracle in place of the server and then a liar."""
+    import random
+
+    from xfusion_serve.demo import evaluate_tasks
+    from xfusion_serve.demo.shapes import render
+
+    def oracle(client, task, seed):
+        if task.kind == "edit":
+            return task.target_image
+        if task.kind == "draw":
+            return render(task.target, random.Random(seed))
+        return f"It is {task.answer}."
+
+    def liar(client, task, seed):
+        if task.kind in ("draw", "edit"):
+            return task.pictures[0] if task.pictures else render(shapes_other(task.target), random.Random(seed))
+        return {"yes": "no", "no": "yes"}.get(task.answer, "I do not know")
+
+    def shapes_other(s):
+        from dataclasses import replace
+        return replace(s, color="black" if s.color != "black" else "red", shape="square" if s.shape != "square"
+                       else "circle", size="large" if s.size == "small" else "small",
+                       position="center" if s.position != "center" else "top")
+
+    class Serial:
+        def _map(self, fn, items):
+            return [fn(x) for x in items]
+
+    monkeypatch.setattr(evaluate_tasks, "_answer", oracle)
+    right = evaluate_tasks.task_accuracy(Serial(), 12)
+    assert set(right) >= {"draw (full)", "draw (partial)", "question", "describe", "edit (changed)",
+                          "edit (kept)", "compare"}
+    assert all(v == 1.0 for cols in right.values() for v in cols.values()), right
+    monkeypatch.setattr(evaluate_tasks, "_answer", liar)
+    wrong = evaluate_tasks.task_accuracy(Serial(), 12)
+    for row in ("draw (full)", "question", "describe", "edit (changed)", "compare"):
+        assert all(v == 0.0 for v in wrong[row].values()), (row, wrong[row])
+    assert "draw (full)" in evaluate_tasks.task_report(wrong)
