@@ -92,8 +92,8 @@ class TrainStep(nn.Module):
 
         ar, dm = out.new_zeros(()).float(), out.new_zeros(()).float()
         for b, (s, seq) in enumerate(zip(batch, seqs)):
-            if "velocity" in s:  # generation: flow matching on the image tokens
-                sl = seq.image_slices[0]
+            if "velocity" in s:  # generation: flow matching on the last image's tokens (those before: the prompt's)
+                sl = seq.image_slices[-1]
                 v = model.velocity(out[b, sl][None], *s["velocity"].shape[-2:])[0]
                 dm = dm + F.mse_loss(v.float(), s["velocity"].to(dev))
             if s.get("targets"):  # captioning: next-token loss on the answer
