@@ -16,13 +16,18 @@ from .request import ImageRequest, TextRequest
 from .text_sampling import SamplingParams
 
 
+def _segments(prompt: list[int] | list[Segment]) -> list[Segment]:
+    """Token ids (one text segment) or segments -> segments."""
+    return [list(prompt)] if not prompt or isinstance(prompt[0], int) else list(prompt)
+
+
 class RequestInputs:
     """Needs the engine's ckpt, config, runner (its device and dtype), tokenizer and `_add` (which queues)."""
 
     def add_text(self, prompt: list[int] | list[Segment], params: SamplingParams) -> str:
         """A text answer to `prompt`: token ids, or segments (text ids and clean `ImageSegment`s, e.g. from
         `encode_image` and `prompts.conversation`). -> the request id."""
-        segments = [list(prompt)] if not prompt or isinstance(prompt[0], int) else list(prompt)
+        segments = _segments(prompt)
         self._check_images(segments)
         return self._add(TextRequest(prompt=segments, params=params, stop_ids=self._stop_ids(params),
                                      patch_size=self.ckpt.config.patch_size))
@@ -48,8 +53,7 @@ class RequestInputs:
         height, width = size or cfg.image_sizes[0]
         if (height, width) not in cfg.image_sizes:
             raise ValueError(f"size {width}x{height} is not one of the trained sizes")
-        segments = prompts.generation_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-        segments = [segments] if segments and isinstance(segments[0], int) else segments
+        segments = _segments(prompts.generation_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else prompt)
         self._check_images(segments)
         vae = self.ckpt.model.vae_info
         shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)

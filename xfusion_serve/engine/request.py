@@ -50,10 +50,6 @@ class TextRequest:
         return not text_only(self.prompt)
 
     @property
-    def image_tokens(self) -> int:
-        return sum(image_tokens(s.latent, self.patch_size) for s in self.prompt if isinstance(s, ImageSegment))
-
-    @property
     def length(self) -> int:
         return self.prompt_len + len(self.output)
 
