@@ -116,7 +116,7 @@ def _serve(args: argparse.Namespace) -> None:
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
-                       allowed_image_domains=args.allowed_image_domains or []))
+                       access_log=args.access_log is not False, allowed_image_domains=args.allowed_image_domains or []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allowed-image-domains", action="append",
                    default=_env("ALLOWED_IMAGE_DOMAINS", None, lambda v: v.split(",")),
                    help="domains whose http(s) image URLs /v1/chat/completions may fetch (none by default)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=_env("ACCESS_LOG", True, _flag),
+                   help="a log line per request (uvicorn's access log)")
     p.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT", 30.0, float),
                    help="seconds SIGTERM waits for running requests")
     p.set_defaults(func=_serve)

@@ -106,4 +106,4 @@ def serve(config: ServerConfig) -> None:
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                  timeout_graceful_shutdown=config.drain_timeout)).run()
+                                  access_log=config.access_log, timeout_graceful_shutdown=config.drain_timeout)).run()

@@ -29,6 +29,7 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)  # empty: no key needed
     max_body_bytes: int = 32 << 20
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before exiting
+    access_log: bool = True  # uvicorn's line per request
     allowed_image_domains: list[str] = field(default_factory=list)  # http(s) image_url hosts; none by default
 
 
