@@ -159,6 +159,12 @@ def test_images_edit_with_the_official_client(live):
     assert result != drawn.data[0].b64_json and result != other.data[0].b64_json  # the picture is in the prompt
     assert len(two.data) == 2 and two.data[0].b64_json not in (result, other.data[0].b64_json)
     with httpx.Client(base_url=url, timeout=60) as h:
+        # the same sequence as a conversation that sends the picture and asks for an image answer
+        uri = "data:image/png;base64," + base64.b64encode(png(picture(5)).getvalue()).decode()
+        chat = h.post("/v1/chat", json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "make it blue"}]}],
+            "modalities": ["image"], "steps": 2, "seed": 3, "guidance_scale": 2.0}).json()
+        assert chat["choices"][0]["message"]["images"][0]["image_url"]["url"].split(",", 1)[1] == result
         files = [("image", ("a.png", png(picture(5)).getvalue(), "image/png"))]
         form = {"prompt": "make it blue", "stream": "true", "partial_images": "1", **{k: str(v) for k, v in
                                                                                       extra.items()}}

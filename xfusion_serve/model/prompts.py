@@ -43,8 +43,11 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None) ->
 
 
 def edit_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, images: list[ImageSegment]) -> list[Segment]:
-    """The sequence before an edited image: <bos> <boi> picture <eoi> ... instruction (then <boi> the result)."""
-    return [_bos(tokenizer), *images, encode(tokenizer, instruction.strip())]
+    """The sequence before an edited image (/v1/images/edits): the one-turn conversation of a user who sends
+    the pictures, then the instruction, and asks for an image answer; the same sequence /v1/chat builds for
+    it, so an edit is one thing to learn, whichever route asks."""
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": instruction.strip()}]
+    return conversation(tokenizer, [{"role": "user", "content": content}], images)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool = True,
