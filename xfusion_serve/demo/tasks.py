@@ -43,6 +43,7 @@ class Task:
     target: Shape | None = None
     named: tuple[str, ...] = ATTRIBUTES
     target_image: Image.Image | None = None  # an edit's: the picture with the one attribute changed
+    shown: list[Shape] = field(default_factory=list)  # what each picture shows, in order
 
 
 def _user(text: str, pictures: int = 0) -> list[dict]:
@@ -94,9 +95,9 @@ def make_task(seed: int, index: int, kind: str | None = None) -> Task:
     if kind == "question":
         attribute = rng.choice(ATTRIBUTES)
         return Task(kind, _user(rng.choice(QUESTIONS[attribute]), 1), [picture(shape)],
-                    answer=getattr(shape, attribute))
+                    answer=getattr(shape, attribute), shown=[shape])
     if kind == "describe":
-        return Task(kind, _user(rng.choice(DESCRIBE), 1), [picture(shape)], answer=shape.caption)
+        return Task(kind, _user(rng.choice(DESCRIBE), 1), [picture(shape)], answer=shape.caption, shown=[shape])
     if kind == "edit":
         attribute = rng.choice(ATTRIBUTES)
         values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
@@ -104,7 +105,8 @@ def make_task(seed: int, index: int, kind: str | None = None) -> Task:
         target = replace(shape, **{attribute: new})
         text = {"color": f"make it {new}", "shape": f"turn it into a {new}", "position": f"move it to the {new}",
                 "size": "make it bigger" if new == "large" else "make it smaller"}[attribute]
-        return Task(kind, _user(text, 1), [picture(shape)], target=target, target_image=picture(target))
+        return Task(kind, _user(text, 1), [picture(shape)], target=target, target_image=picture(target),
+                    shown=[shape])
     if kind == "compare":
         attribute = rng.choice(["color", "shape"])
         same = rng.random() < 0.5
@@ -112,5 +114,5 @@ def make_task(seed: int, index: int, kind: str | None = None) -> Task:
         value = getattr(shape, attribute) if same else rng.choice([v for v in values if v != getattr(shape, attribute)])
         other = replace(random_shape(rng), **{attribute: value})
         return Task(kind, _user(rng.choice(COMPARE[attribute]), 2), [picture(shape), picture(other)],
-                    answer="yes" if same else "no")
+                    answer="yes" if same else "no", shown=[shape, other])
     raise ValueError(f"unknown task kind {kind!r}; one of {KINDS}")
