@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -60,7 +62,12 @@ def _train(args: argparse.Namespace) -> None:
     for name in ("betas", "image_size"):
         values[name] = tuple(values[name]) if values[name] is not None else None
     cfg = TrainConfig(**values)
-    out = train(cfg, open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed))
+    if cfg.dataset == "shapes-tasks":  # the embedded default's recipe: the world's conversation tasks
+        from .demo.task_samples import TaskSamples
+
+        out = train(cfg, samples=TaskSamples(cfg))
+    else:
+        out = train(cfg, open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed))
     print(f"wrote {out}")
 
 
@@ -84,7 +91,10 @@ def _eval(args: argparse.Namespace) -> None:
     if args.base_url and args.tasks:
         from .demo.evaluate_tasks import task_accuracy, task_report
 
-        print(task_report(task_accuracy(client, args.tasks)))
+        results["tasks"] = task_accuracy(client, args.tasks)
+        print(task_report(results["tasks"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _env(name: str, default, kind=str):
@@ -189,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", type=int, default=300, help="fresh images to caption")
     p.add_argument("--images", type=int, default=300, help="fresh prompts to draw")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
-    p.add_argument("--tasks", type=int, default=0,
-                   help="with --base-url: also this many conversation tasks of each kind (drawing from partial "
-                        "prompts, questions, edits, two-picture questions; demo/tasks.py)")
+    p.add_argument("--tasks", type=int, default=100,
+                   help="with --base-url: also this many conversation tasks of each kind (drawing from full and "
+                        "partial prompts, questions, caption requests, edits, two-picture questions; demo/tasks.py)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
 

@@ -15,6 +15,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model import prompts
-from ..model.checkpoint import load_checkpoint, save_vision_tower
+from ..model.checkpoint import Checkpoint, load_checkpoint, save_vision_tower
 from ..model.config import CONFIG_FILE
 from ..model.sequence import ImageSegment, pad_sequences, padded_forward
 from ..model.xfusion import XFusionModel
@@ -38,7 +39,9 @@ LOG_FILE = "train_log.jsonl"
 class TrainConfig:
     checkpoint: str
     out: str
-    dataset: str = "shapes"  # a folder holding captions.jsonl, or "shapes": the demo's world (the CLI opens it)
+    # a folder holding captions.jsonl; "shapes": the demo's world, captions only; "shapes-tasks": its
+    # conversation tasks (the CLI opens both)
+    dataset: str = "shapes"
     shapes_size: int = 20000  # images drawn from the shapes world
     data_seed: int = 0
     image_size: tuple[int, int] | None = None  # (height, width); default: the checkpoint's first trained size
@@ -124,6 +127,32 @@ def make_sample(cfg: TrainConfig, step: int, j: int, latents: torch.Tensor, capt
             "targets": answer}
 
 
+class SampleSource(Protocol):
+    """Where a run's samples come from. `prepare` runs once before the first step with the loaded checkpoint
+    (to encode a dataset with its VAE, say; the trainer drops its own reference to the VAE afterwards);
+    `batch(step, indices)` -> the samples at those places of the global batch of `step`, each drawn from its
+    own seed, so that every process and every resume sees the same ones. A sample is a dict for TrainStep:
+    "segments", and "targets" (token ids ending the sequence) and/or "velocity" (the last image's)."""
+
+    def prepare(self, ckpt: Checkpoint, height: int, width: int, show_progress: bool) -> None: ...
+
+    def batch(self, step: int, indices: range) -> list[dict]: ...
+
+
+class CaptionSamples:
+    """The paper's recipe on (image, caption) pairs (make_sample); latents encoded once, in `prepare`."""
+
+    def __init__(self, cfg: TrainConfig, data: CaptionDataset):
+        self.cfg, self.data = cfg, data
+
+    def prepare(self, ckpt: Checkpoint, height: int, width: int, show_progress: bool) -> None:
+        self.latents = encode_dataset(ckpt.vae, self.data, height, width, show_progress=show_progress)
+        self.captions, self.tokenizer = self.data.captions(), ckpt.tokenizer
+
+    def batch(self, step: int, indices: range) -> list[dict]:
+        return [make_sample(self.cfg, step, j, self.latents, self.captions, self.tokenizer) for j in indices]
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -151,14 +180,16 @@ def _save(model: XFusionModel, opt, cfg: TrainConfig, step: int) -> None:
     tmp.rmdir()
 
 
-def train(cfg: TrainConfig, data: CaptionDataset | None = None) -> Path:
-    """Trains the vision tower of cfg.checkpoint on `data` (default: the folder cfg.dataset names) and writes a
-    servable checkpoint to cfg.out. -> cfg.out. Raises ValueError for "shapes" without data: the shapes world
-    belongs to the demo, which builds that dataset (as `xfusion-serve train` does)."""
-    if data is None:
-        if cfg.dataset == "shapes":
-            raise ValueError('dataset "shapes" is the demo\'s: pass data=ShapesDataset(...) from '
-                             "xfusion_serve.demo.data, or train with `xfusion-serve train`")
+def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleSource | None = None) -> Path:
+    """Trains the vision tower of cfg.checkpoint on `samples` (default: CaptionSamples of `data`, itself by
+    default the folder cfg.dataset names) and writes a servable checkpoint to cfg.out. -> cfg.out. Raises
+    ValueError for "shapes" or "shapes-tasks" without data or samples: the shapes world belongs to the demo,
+    which builds them (as `xfusion-serve train` does)."""
+    if data is None and samples is None:
+        if cfg.dataset in ("shapes", "shapes-tasks"):
+            raise ValueError(f'dataset "{cfg.dataset}" is the demo\'s: pass data=ShapesDataset(...) from '
+                             "xfusion_serve.demo.data or samples=TaskSamples(cfg) from "
+                             "xfusion_serve.demo.task_samples, or train with `xfusion-serve train`")
         data = FolderDataset(cfg.dataset)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,12 +204,12 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None) -> Path:
         dist.barrier()
     resume = cfg.resume and (Path(cfg.out) / STATE_FILE).exists()
     ckpt = load_checkpoint(cfg.out if resume else cfg.checkpoint, device=device)
-    model, tokenizer = ckpt.model.train(), ckpt.tokenizer
+    model = ckpt.model.train()
     height, width = cfg.image_size or ckpt.config.image_sizes[0]
 
-    latents = encode_dataset(ckpt.vae, data, height, width, show_progress=cfg.progress and rank == 0)
-    captions = data.captions()
-    ckpt.vae = None  # the VAE is done once latents are cached
+    samples = samples or CaptionSamples(cfg, data)
+    samples.prepare(ckpt, height, width, show_progress=cfg.progress and rank == 0)
+    ckpt.vae = None  # kept by the source if it encodes as it goes
 
     step_fn = TrainStep(model)
     # A rank's share may hold no generation sample (no velocity head used): DDP must not wait for it.
@@ -195,7 +226,7 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None) -> Path:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and rank == 0), mininterval=2)
     for step in bar:
-        batch = [make_sample(cfg, step, j, latents, captions, tokenizer) for j in range(rank, cfg.batch_size, world)]
+        batch = samples.batch(step, range(rank, cfg.batch_size, world))
         counts = torch.tensor([sum("velocity" in s for s in batch), sum(len(s.get("targets", [])) for s in batch)],
                               dtype=torch.float32, device=device)
         if world > 1:
