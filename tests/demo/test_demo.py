@@ -6,20 +6,19 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import free_port
 from fastapi.testclient import TestClient
 from PIL import Image
 from transformers import LlamaForCausalLM
 
 from xfusion_serve import EMBEDDED_CHECKPOINT
-from xfusion_serve.demo.evaluate import caption_accuracy, generation_accuracy
+from xfusion_serve.demo.evaluate import caption_accuracy, generation_accuracy, live_server
+from xfusion_serve.demo.evaluate_tasks import task_accuracy, task_report
 from xfusion_serve.demo.recipe import MANIFEST, sha256_files
 from xfusion_serve.model.prompts import chat_prompt
 from xfusion_serve.server.app import create_app
@@ -77,32 +76,77 @@ def test_a_handful_of_samples_are_well_above_chance(client):
     assert gen["color"] >= 0.6 and gen["shape"] >= 0.5 and gen["size"] >= 0.8 and gen["position"] >= 0.5, gen
 
 
+class InApp:
+    """`task_accuracy`'s client over the app in process, eight requests in flight so the engine batches."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def _post(self, path, body):
+        r = self.client.post(path, json=body)
+        r.raise_for_status()
+        return r.json()
+
+    def _map(self, fn, items):
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(fn, items))
+
+
+# The shipped checkpoint is still the first demo (trained on the caption template only); the recipe's v2 is not
+# shipped: its drawings and edits are near chance (README, "The embedded demo checkpoint"). Strict: when a
+# checkpoint that passes is shipped, these markers must go. Only a missed figure (AssertionError) is expected.
+NOT_YET = pytest.mark.xfail(strict=True, raises=AssertionError,
+                            reason="issue 18: the embedded default does not do the conversation tasks yet")
+
+
+@NOT_YET
+def test_a_handful_of_conversation_tasks_are_well_above_chance(client):
+    """Drawing from full and partial prompts, questions, captions, edits and two-picture questions through
+    /v1/chat (a broken prompt builder, cache or sampler fails here). Chance: color 1/8, shape 1/3, size 1/2,
+    position 1/9, yes/no 1/2."""
+    acc = task_accuracy(InApp(client), 16)
+    print(task_report(acc))
+    floor = {"color": 0.6, "shape": 0.6, "size": 0.75, "position": 0.6, "yes/no": 0.75}
+    for row, cols in acc.items():
+        for column, value in cols.items():
+            assert value >= floor[column], (row, column, value)
+
+
 @pytest.mark.slow
 def test_full_eval_through_a_live_server_meets_the_targets():
     """The figures of the README: 300 fresh captions and 300 fresh images through `xfusion-serve serve`."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--port", str(port)],
-                              env=os.environ | {"OMP_NUM_THREADS": "2"})
-    try:
-        import httpx
-
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        out = subprocess.run([sys.executable, "-m", "xfusion_serve.cli", "eval", "--base-url",
-                              f"http://127.0.0.1:{port}", "--captions", "300", "--images", "300"],
+    with live_server() as url:
+        out = subprocess.run([sys.executable, "-m", "xfusion_serve.cli", "eval", "--base-url", url,
+                              "--captions", "300", "--images", "300"],
                              capture_output=True, text=True, timeout=3000, check=True).stdout
-        print(out)
-        figures = {line.split()[0]: dict(zip(line.split()[1::2], (float(x.rstrip("%")) / 100
-                                                                 for x in line.split()[2::2])))
-                   for line in out.splitlines() if line.startswith(("captioning", "generation"))}
-        cap, gen = figures["captioning"], figures["generation"]
-        assert cap["color"] >= 0.95 and cap["shape"] >= 0.95 and cap["size"] >= 0.9 and cap["position"] >= 0.9
-        assert gen["color"] >= 0.9 and gen["shape"] >= 0.9 and gen["size"] >= 0.8 and gen["position"] >= 0.8
-    finally:
-        server.terminate()
-        server.wait(30)
+    print(out)
+    figures = {line.split()[0]: dict(zip(line.split()[1::2], (float(x.rstrip("%")) / 100 for x in line.split()[2::2])))
+               for line in out.splitlines() if line.startswith(("captioning", "generation"))}
+    cap, gen = figures["captioning"], figures["generation"]
+    assert cap["color"] >= 0.95 and cap["shape"] >= 0.95 and cap["size"] >= 0.9 and cap["position"] >= 0.9
+    assert gen["color"] >= 0.9 and gen["shape"] >= 0.9 and gen["size"] >= 0.8 and gen["position"] >= 0.8
+
+
+# Issue 18's targets for the conversation tasks, per row and column of `xfusion-serve eval --tasks`.
+TASK_TARGETS = {"draw (full)": {"color": 0.97, "shape": 0.97, "size": 0.99, "position": 0.99},
+                "draw (partial)": dict.fromkeys(("color", "shape", "size", "position"), 0.95),
+                "describe": dict.fromkeys(("color", "shape", "size", "position"), 0.99),
+                "question": dict.fromkeys(("color", "shape", "size", "position"), 0.97),
+                "edit (changed)": dict.fromkeys(("color", "shape", "size", "position"), 0.9),
+                "edit (kept)": dict.fromkeys(("color", "shape", "size", "position"), 0.9),
+                "compare": {"yes/no": 0.85}}
+
+
+@NOT_YET
+@pytest.mark.slow
+def test_the_task_eval_through_a_live_server_meets_the_targets(tmp_path):
+    """`xfusion-serve eval --tasks 100` against `xfusion-serve serve`, default settings, fresh seeds."""
+    with live_server() as url:
+        subprocess.run([sys.executable, "-m", "xfusion_serve.cli", "eval", "--base-url", url, "--captions", "0",
+                        "--images", "0", "--tasks", "100", "--json", str(tmp_path / "eval.json")],
+                       timeout=3000, check=True)
+    tasks = json.loads((tmp_path / "eval.json").read_text())["tasks"]
+    assert set(tasks) == set(TASK_TARGETS)
+    missed = [(row, column, tasks[row][column]) for row, targets in TASK_TARGETS.items()
+              for column, target in targets.items() if column in tasks[row] and tasks[row][column] < target]
+    assert not missed, missed

@@ -55,12 +55,12 @@ def test_every_kind_is_the_servers_sequence_with_its_target(ckpt):
         pictures = [ImageSegment(latent(ckpt, p), 0.0) for p in task.pictures]
         for got, want in zip(images(s["segments"]), pictures + [None]):
             if want is not None:
-                torch.testing.assert_close(got.latent, want.latent, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(got.latent, want.latent, atol=1e-3, rtol=1e-3)
                 assert got.t == 0.0
         if kind in ("draw", "edit", "generate"):
             x0, xt = latent(ckpt, target), images(s["segments"])[-1]
             noise = s["velocity"] + x0
-            torch.testing.assert_close((1 - xt.t) * x0 + xt.t * noise, xt.latent, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close((1 - xt.t) * x0 + xt.t * noise, xt.latent, atol=1e-3, rtol=1e-3)
             if kind == "generate":
                 want = [prompts.generation_prompt(tok, task.messages[-1]["content"][-1]["text"])]
             else:
@@ -93,7 +93,7 @@ def test_a_sample_depends_on_its_seed_step_and_place_only(ckpt):
         assert [s for s in x["segments"] if not isinstance(s, ImageSegment)] == \
                [s for s in y["segments"] if not isinstance(s, ImageSegment)]
         for p, q in zip(images(x["segments"]), images(y["segments"])):
-            torch.testing.assert_close(p.latent, q.latent, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(p.latent, q.latent, atol=1e-3, rtol=1e-3)
     assert [repr(s.get("targets")) + repr(s["segments"][0]) for s in a] != \
            [repr(s.get("targets")) + repr(s["segments"][0]) for s in c]
 

@@ -7,8 +7,15 @@ same figures come from the model in process or from a running server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -113,6 +120,39 @@ class OverHTTP:
             return image_from_base64(data[0]["b64_json"])
 
         return self._map(one, list(zip(prompt_texts, seeds)))
+
+
+@contextmanager
+def live_server(checkpoint: str | Path | None = None, timeout: float = 300.0) -> Iterator[str]:
+    """`xfusion-serve serve` on `checkpoint` (default: the embedded one) in a subprocess on a free local port.
+    -> its base URL, once /ready answers; the server is stopped on exit. RuntimeError if it exits first or is
+    not ready within `timeout` seconds."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "xfusion_serve.cli", "serve", "--port", str(port), "--no-access-log"]
+    server = subprocess.Popen(cmd + (["--checkpoint", str(checkpoint)] if checkpoint else []),
+                              env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready in {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def report(name: str, acc: dict[str, float]) -> str:
