@@ -1,6 +1,7 @@
-"""The embedded default checkpoint, from nothing, in one command on CPU:
+"""The demo checkpoint's recipe (the successor of the shipped one: README, "The embedded demo checkpoint"),
+from nothing, in one command on CPU:
 
-    python -m xfusion_serve.demo.recipe --out xfusion_serve/checkpoints/shapes-demo
+    python -m xfusion_serve.demo.recipe --out build/shapes-demo-v2
 
 1. a byte-level BPE tokenizer and a small Llama pretrained on text about the shapes world, the tasks' text
    included (then frozen); its own accuracy on the text form of the tasks is measured;
