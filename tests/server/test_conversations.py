@@ -179,6 +179,55 @@ def test_images_edit_with_the_official_client(live):
     assert not engine.requests
 
 
+def test_a_chat_can_answer_with_text_and_then_an_image_drawn_after_it(live):
+    url, engine, client = live
+    messages = [{"role": "user", "content": [image_part(picture(9)), {"type": "text", "text": "draw it"}]}]
+    sampling = {"max_tokens": 4, "ignore_eos": True}  # greedy: the native route's default
+    image = {"steps": 2, "seed": 6, "guidance_scale": 2.0}
+    with httpx.Client(base_url=url, timeout=60) as h:
+        def chat(**body):
+            r = h.post("/v1/chat", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        text = chat(messages=messages, **sampling)
+        said = text["choices"][0]["message"]["content"]
+        both = chat(messages=messages, modalities=["text", "image"], **sampling, **image)
+        message = both["choices"][0]["message"]
+        assert said and message["content"] == said  # the text turn, decoded as a text answer is
+        assert both["usage"]["prompt_tokens"] == text["usage"]["prompt_tokens"]
+        assert both["usage"]["completion_tokens"] == 4 and both["usage"]["images"] == 1
+        # The image is the one drawn after the conversation with the assistant's turn opened by that text ...
+        opened = messages + [{"role": "assistant", "content": said}]
+        after = chat(messages=opened, modalities=["image"], add_generation_prompt=False,
+                     continue_final_message=True, **image)
+        assert images_of(message) == images_of(after["choices"][0]["message"])
+        # ... which is not the image drawn straight after the user's turn.
+        direct = chat(messages=messages, modalities=["image"], **image)
+        assert images_of(message) != images_of(direct["choices"][0]["message"])
+        # A continued assistant turn: the text continues it, the image follows both.
+        started = messages + [{"role": "assistant", "content": "a"}]
+        cont = chat(messages=started, modalities=["text", "image"], add_generation_prompt=False,
+                    continue_final_message=True, **sampling, **image)["choices"][0]["message"]
+        whole = messages + [{"role": "assistant", "content": "a" + cont["content"]}]
+        again = chat(messages=whole, modalities=["image"], add_generation_prompt=False,
+                     continue_final_message=True, **image)
+        assert images_of(cont) == images_of(again["choices"][0]["message"])
+        # Streamed: the role, the text as it is written, one chunk per denoising step, the same image, usage.
+        body = {"messages": messages, "modalities": ["text", "image"], "stream": True, "temperature": 0,
+                "stream_options": {"include_usage": True}, **sampling, **image}
+        events = [json.loads(line[6:]) for line in h.post("/v1/chat/completions", json=body).text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        assert deltas[0]["role"] == "assistant"
+        assert "".join(d.get("content", "") for d in deltas) == said
+        assert [e["progress"]["step"] for e in events if "progress" in e] == [1, 2]
+        assert images_of(deltas[-1]) == images_of(message)
+        assert events[-1]["usage"] == both["usage"]
+    wait_idle(engine)
+    assert not engine.requests
+
+
 def test_cancelling_a_streamed_image_chat_frees_every_block(live):
     url, engine, client = live
     free = {t: p.blocks.num_free for t, p in engine.runner.pools.items()}

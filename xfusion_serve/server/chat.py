@@ -1,5 +1,6 @@
 """A chat turn, for /v1/chat/completions and /v1/chat alike: the whole conversation (pictures included) is the
-prompt; the answer is text (n choices, log-probabilities) or, with `modalities: ["image"]`, images.
+prompt; the answer is text (n choices, log-probabilities) or, with `modalities: ["image"]`, images, or with
+`modalities: ["text", "image"]` text and then images drawn after it.
 
 Images come back as OpenRouter-style gateways and SGLang-Omni give them: `message.content` stays a string and
 `message.images` is [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]. Streamed, the
@@ -68,26 +69,40 @@ async def chat_response(request: Request, body, *, logprobs: int | None = None, 
 
 
 async def _image_response(request: Request, body, conv, template: dict, include_usage: bool):
+    """Images, or with modalities ["text", "image"] text and then images: the text turn is decoded first (the
+    request's sampling; choice 0), and the n images are drawn after the conversation with the turn opened by
+    that text (`Conversation.answered_with`: what the demo's recipe trains with CAPTION_FIRST)."""
     server = server_of(request)
     if body.seed is not None and body.seed >= 2**31:
         raise APIError(400, "seed must be below 2**31 for image output", param="seed")
     options = ImageOptions(n=body.n, size=server.check_size(body.size), steps=body.denoising_steps,
                            guidance_scale=body.guidance_scale, seed=body.seed, negative_prompt=body.negative_prompt)
-    events = await start(request, partial(add_conversation, conv=conv, image=options, **template))
+
+    def draw(said: str | None):
+        if said is None:
+            return start(request, partial(add_conversation, conv=conv, image=options, **template))
+        return start(request, partial(add_conversation, conv=conv.answered_with(said, template["continue_final_message"]),
+                                      image=options, add_generation_prompt=False, continue_final_message=True))
+
+    first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body), **template)
+                        ) if body.text_before_image else await draw(None)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": server.model_name}
 
     def images_of(done) -> list[dict]:  # PNG encoding: off the event loop
         return [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_to_base64(im)}}
                 for im in done.images]
 
-    def usage(done) -> dict:
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": 0, "total_tokens": done.prompt_tokens,
+    def usage(done, said) -> dict:  # the conversation's tokens, and the text's (image tokens are not counted)
+        prompt, completion = (said.prompt_tokens, said.step) if said else (done.prompt_tokens, 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "images": len(done.images)}
 
     if not body.stream:
-        done = await final(request, events)
-        message = {"role": "assistant", "content": "", "images": await asyncio.to_thread(images_of, done)}
-        return base | {"object": "chat.completion", "usage": usage(done), "choices": [
+        said = await final(request, first) if body.text_before_image else None
+        done = await final(request, await draw(said.text) if said else first)
+        message = {"role": "assistant", "content": said.text if said else "",
+                   "images": await asyncio.to_thread(images_of, done)}
+        return base | {"object": "chat.completion", "usage": usage(done, said), "choices": [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]}
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
@@ -96,6 +111,19 @@ async def _image_response(request: Request, body, conv, template: dict, include_
 
     async def chunks():
         yield chunk({"role": "assistant", "content": ""})
+        events, said, sent = first, None, ""
+        if body.text_before_image:  # the text as it is written (the rest, held back, with its end); then the image
+            async for ev in first:
+                if ev.kind == "token" and ev.text:
+                    sent += ev.text
+                    yield chunk({"content": ev.text})
+                elif ev.kind == "done":
+                    if ev.finish_reason == "error":
+                        raise done_error(ev)
+                    said = ev
+                    if ev.text[len(sent):]:
+                        yield chunk({"content": ev.text[len(sent):]})
+            events = await draw(said.text)
         async for ev in events:
             if ev.kind == "step":
                 yield chunk({}, progress={"step": ev.step, "steps": ev.steps})
@@ -104,6 +132,6 @@ async def _image_response(request: Request, body, conv, template: dict, include_
                     raise done_error(ev)
                 yield chunk({"images": await asyncio.to_thread(images_of, ev)}, "stop")
                 if include_usage:
-                    yield chunk({}) | {"choices": [], "usage": usage(ev)}
+                    yield chunk({}) | {"choices": [], "usage": usage(ev, said)}
 
     return sse_response(chunks())

@@ -25,6 +25,19 @@ class Conversation:
     images: list[Image.Image]
     pictures: list | None = None  # their VAE latents, encoded once on the engine thread for every choice
 
+    def answered_with(self, text: str, continue_final_message: bool) -> "Conversation":
+        """This conversation with the assistant's turn opened by `text` (appended to the last message when that
+        turn was being continued), its pictures shared: the prompt of an image that follows the answer's text."""
+        messages = list(self.messages)
+        if continue_final_message:
+            last = messages[-1]
+            content = last["content"] + text if isinstance(last["content"], str) else \
+                [*last["content"], {"type": "text", "text": text}]
+            messages[-1] = {**last, "content": content}
+        else:
+            messages.append({"role": "assistant", "content": text})
+        return Conversation(messages, self.images, self.pictures)
+
 
 async def fetch_image(url: str, allowed: list[str]) -> Image.Image:
     """An http(s) image URL, fetched only from the allowed domains (and their subdomains)."""

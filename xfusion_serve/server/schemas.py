@@ -94,8 +94,13 @@ class ConversationFields(GenerationFields):
 
     @property
     def wants_image(self) -> bool:
-        """An image answer: modalities ["image"] or ["text", "image"] (the turn is then the image)."""
+        """An image answer: modalities ["image"] (the turn is the image) or ["text", "image"] (text, then the
+        image drawn after it)."""
         return "image" in self.modalities
+
+    @property
+    def text_before_image(self) -> bool:
+        return self.wants_image and "text" in self.modalities
 
 
 class ChatRequest(SamplingFields, ConversationFields):
