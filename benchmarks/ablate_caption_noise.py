@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from xfusion_serve.demo.recipe import LAMBDA_AR, LR, measure, print_figures, vision_config
-from xfusion_serve.demo.task_samples import TaskSamples
+from xfusion_serve.demo.recipe import LAMBDA_AR, LR, measure, print_figures, task_samples, vision_config
 from xfusion_serve.training.trainer import train
 
 
@@ -43,7 +42,7 @@ def main() -> int:
         cfg = vision_config(args.init, args.out / f"noise-{noise:g}", steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, lambda_ar=args.lambda_ar, caption_max_noise=noise, seed=args.seed)
         t0 = time.time()
-        trained = train(cfg, samples=TaskSamples(cfg))
+        trained = train(cfg, samples=task_samples(cfg))
         print(f"\n{name}: {args.steps} steps in {time.time() - t0:.0f} s")
         results[name] = measure(trained, args.eval_samples, args.eval_tasks)
     (args.out / "ablation.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

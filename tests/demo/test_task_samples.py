@@ -148,3 +148,33 @@ def test_the_recipes_training_is_deterministic_for_a_seed(tmp_path):
     first = run("a", 0)
     assert run("b", 0) == first
     assert run("c", 1) != first
+
+
+def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_draws(ckpt):
+    """With caption_first, a drawing or an edit is drawn after the assistant's turn opened by the target's
+    caption, as the server builds it for modalities ["text", "image"]; all else is as without it."""
+    kw = dict(caption_dropout=0.0, mix={"draw": 1, "edit": 1, "generate": 1, "question": 1})
+    plain, first = source(ckpt, **kw), TaskSamples(TrainConfig(checkpoint="", out="", caption_dropout=0.0),
+                                                   kw["mix"], caption_first=True)
+    first.prepare(ckpt, 64, 64, show_progress=False)
+    tok, opened = ckpt.tokenizer, Counter()
+    for (kind, task, _, a), (_, _, _, b) in zip(drawn(plain, 1, 48), drawn(first, 1, 48)):
+        if kind in ("draw", "edit"):
+            opened[kind] += 1
+            said = task.messages + [{"role": "assistant", "content": task.target.caption}]
+            want = prompts.conversation(tok, said, images(b["segments"])[:-1], add_generation_prompt=False,
+                                        continue_final_message=True)
+            assert [p for p in b["segments"][:-1] if not isinstance(p, ImageSegment)] == \
+                   [p for p in want if not isinstance(p, ImageSegment)]
+            assert [isinstance(p, ImageSegment) for p in b["segments"][:-1]] == \
+                   [isinstance(p, ImageSegment) for p in want]
+            assert tok.decode(b["segments"][-2]).endswith(task.target.caption)
+            torch.testing.assert_close(b["velocity"], a["velocity"])
+        else:
+            assert [p for p in b["segments"] if not isinstance(p, ImageSegment)] == \
+                   [p for p in a["segments"] if not isinstance(p, ImageSegment)]
+    assert opened["draw"] and opened["edit"]
+    # The unconditional branch of CFG stays the engine's shared empty prompt.
+    dropped = TaskSamples(TrainConfig(checkpoint="", out="", caption_dropout=1.0), {"draw": 1}, caption_first=True)
+    dropped.prepare(ckpt, 64, 64, show_progress=False)
+    assert all(s["segments"][0] == prompts.generation_prompt(tok, "") for s in dropped.batch(0, range(4)))

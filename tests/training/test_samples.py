@@ -10,7 +10,7 @@ from xfusion_serve import EMBEDDED_CHECKPOINT, ImageSegment, load_checkpoint
 from xfusion_serve.engine.flow_matching import initial_noise
 from xfusion_serve.model import prompts
 from xfusion_serve.model.reference import reference_forward
-from xfusion_serve.training.samples import image_answer_sample, text_answer_sample
+from xfusion_serve.training.samples import image_answer_sample, noised_target, text_answer_sample
 from xfusion_serve.training.trainer import TrainStep
 
 
@@ -47,3 +47,13 @@ def test_an_image_answer_learns_the_last_picture_not_the_prompts(checkpoint_dir)
         velocities = reference_forward(model, sample["segments"])[1]
     assert len(velocities) == 2
     torch.testing.assert_close(dm, F.mse_loss(velocities[-1], noise - x0), atol=1e-5, rtol=1e-4)
+
+
+def test_noised_target_puts_the_image_on_the_rectified_flow_path_with_its_velocity():
+    x0, noise = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])
+    sample = noised_target([[5, 6]], x0, noise, 0.25)
+    assert sample["segments"][0] == [5, 6]
+    image = sample["segments"][-1]
+    assert image.t == 0.25
+    torch.testing.assert_close(image.latent, torch.tensor([[1.5, 1.25]]))  # 0.75 x0 + 0.25 noise, by hand
+    torch.testing.assert_close(sample["velocity"], torch.tensor([[2.0, -3.0]]))  # noise - x0

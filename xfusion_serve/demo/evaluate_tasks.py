@@ -2,7 +2,8 @@
 checker: drawing from full and from partial prompts (scored on the named attributes only), one-attribute
 questions, whole-caption requests, edits (the changed attribute, and the three that must stay) and
 two-picture questions. Every task goes through /v1/chat as a conversation, pictures as data URIs; drawings
-and edits come back as the answer's images (`modalities: ["image"]`).
+and edits come back as the answer's images, after its text (`modalities: ["text", "image"]`: the recipe's
+CAPTION_FIRST).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def openai_messages(task: Task) -> list[dict]:
 
 def _answer(client: OverHTTP, task: Task, seed: int) -> str | Image.Image:
     body = {"messages": openai_messages(task), "max_tokens": 24}
-    if task.target is not None:  # draw or edit: an image answer
-        body |= {"modalities": ["image"], "seed": seed}
+    if task.target is not None:  # draw or edit: the caption of what it draws, then the image
+        body |= {"modalities": ["text", "image"], "seed": seed}
         url = client._post("/v1/chat", body)["choices"][0]["message"]["images"][0]["image_url"]["url"]
         return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     return client._post("/v1/chat", body)["choices"][0]["message"]["content"]

@@ -7,7 +7,8 @@ from nothing, in one command on CPU:
    included (then frozen); its own accuracy on the text form of the tasks is measured;
 2. a small AutoencoderKL for 64x64 images (or `--vae DIR`: one trained before, reused);
 3. `init` (vision blocks copied from the text blocks), then `train` (the paper's recipe) on the shapes world's
-   conversation tasks (demo/task_samples.py: drawing, edits, questions, captions, two-picture questions);
+   conversation tasks (demo/task_samples.py: drawing, edits, questions, captions, two-picture questions),
+   an image answer's turn opening with the caption of what it draws (CAPTION_FIRST);
 4. the figures: the tasks through a live server (`xfusion-serve eval --tasks`), the plain routes' captioning
    and drawing in process; and a manifest: the command, the seeds, sha256 of every file, the figures.
 """
@@ -52,6 +53,19 @@ LAMBDA_AR = 2.0
 # The text tower pretrained on the tasks' text has weights about 1.6 times the norm of the first demo's (whose
 # vision tower trained at 1e-3); Adam's steps are absolute, so the copy learns at a rate scaled to match.
 LR = 2e-3
+
+
+# The assistant first says, in the world's caption words, what it draws, then draws it (the frozen LM writes
+# that caption; the server's modalities ["text", "image"]). Straight after the user's words the vision tower
+# must find the named attributes wherever a phrasing puts them and, trained so, learnt to look away from the
+# text; after the caption they stand where the first demo's template put them. Measured with
+# benchmarks/ablate_draw_answer.py (README, "The embedded demo checkpoint").
+CAPTION_FIRST = True
+
+
+def task_samples(cfg: TrainConfig) -> TaskSamples:
+    """The recipe's samples for a vision-tower config."""
+    return TaskSamples(cfg, caption_first=CAPTION_FIRST)
 
 
 def vision_config(init: Path, out: Path, *, steps: int, caption_max_noise: float = 0.0, seed: int = 0,
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = vision_config(init, work / "trained", steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                         lambda_ar=args.lambda_ar, caption_max_noise=args.caption_max_noise, seed=args.seed)
     t1 = time.time()
-    trained = train(cfg, samples=TaskSamples(cfg))
+    trained = train(cfg, samples=task_samples(cfg))
     timings["train_s"] = round(time.time() - t1)
 
     (trained / STATE_FILE).unlink()  # optimizer state is for resuming, not for serving

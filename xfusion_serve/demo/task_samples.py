@@ -23,7 +23,7 @@ from ..model import prompts
 from ..model.checkpoint import Checkpoint
 from ..model.latents import encode_images
 from ..model.sequence import ImageSegment
-from ..training.samples import text_answer_sample
+from ..training.samples import noised_target, text_answer_sample
 from ..training.trainer import TrainConfig
 from .shapes import render
 from .tasks import DESCRIBE, Task, make_task
@@ -41,8 +41,8 @@ class TaskSamples:
     caption_dropout, caption_max_noise and timestep distribution are used; mix: kind -> weight. Raises
     ValueError for an unknown kind or no positive weight."""
 
-    def __init__(self, cfg: TrainConfig, mix: dict[str, float] | None = None):
-        self.cfg, self.mix = cfg, dict(MIX if mix is None else mix)
+    def __init__(self, cfg: TrainConfig, mix: dict[str, float] | None = None, *, caption_first: bool = False):
+        self.cfg, self.mix, self.caption_first = cfg, dict(MIX if mix is None else mix), caption_first
         unknown = set(self.mix) - set(MIX)
         if unknown or not any(w > 0 for w in self.mix.values()) or any(w < 0 for w in self.mix.values()):
             raise ValueError(f"mix: non-negative weights of {sorted(MIX)}, one at least positive; got {self.mix}")
@@ -77,9 +77,11 @@ class TaskSamples:
                 prompt = [prompts.generation_prompt(tok, "")]
             elif kind == "generate":
                 prompt = [prompts.generation_prompt(tok, task.messages[-1]["content"][-1]["text"])]
+            elif self.caption_first:
+                prompt = self._cached(task, None, pictures, said=task.target.caption)["segments"]
             else:
                 prompt = self._cached(task, None, pictures)["segments"]
-            return {"segments": prompt + [ImageSegment((1 - t) * x0 + t * noise, t)], "velocity": noise - x0}
+            return noised_target(prompt, x0, noise, t)
         pictures = [self._noised(self._latent(p), rng, gen) for p in task.pictures]
         if kind == "caption":
             answer = prompts.encode(tok, task.answer) + [tok.eos_token_id]
@@ -87,15 +89,21 @@ class TaskSamples:
             return {"segments": [prompts.caption_prefix(tok), pictures[0], instruction + answer], "targets": answer}
         return self._cached(task, task.answer, pictures)
 
-    def _cached(self, task: Task, answer: str | None, pictures: list[ImageSegment]) -> dict:
-        """image_answer_sample's prompt (answer None) or text_answer_sample, built once per text and number of
-        pictures with stand-ins, then with these pictures in the stand-ins' places."""
-        key = (repr(task.messages), answer)
+    def _cached(self, task: Task, answer: str | None, pictures: list[ImageSegment], said: str | None = None) -> dict:
+        """image_answer_sample's prompt (answer None; with `said`, the assistant's turn opened with that text, as
+        the server builds it for modalities ["text", "image"]) or text_answer_sample, built once per text and
+        number of pictures with stand-ins, then with these pictures in the stand-ins' places."""
+        key = (repr(task.messages), answer, said)
         if key not in self.prompts:
             stand_ins = [ImageSegment(torch.zeros(0), 0.0) for _ in pictures]
-            self.prompts[key] = ({"segments": prompts.conversation(self.tokenizer, task.messages, stand_ins)}
-                                 if answer is None else
-                                 text_answer_sample(self.tokenizer, task.messages, stand_ins, answer))
+            if answer is not None:
+                self.prompts[key] = text_answer_sample(self.tokenizer, task.messages, stand_ins, answer)
+            elif said is None:
+                self.prompts[key] = {"segments": prompts.conversation(self.tokenizer, task.messages, stand_ins)}
+            else:
+                self.prompts[key] = {"segments": prompts.conversation(
+                    self.tokenizer, task.messages + [{"role": "assistant", "content": said}], stand_ins,
+                    add_generation_prompt=False, continue_final_message=True)}
         cached, given = self.prompts[key], iter(pictures)
         segments = [next(given) if isinstance(s, ImageSegment) else s for s in cached["segments"]]
         return cached | {"segments": segments}

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..model import prompts
-from ..model.sequence import ImageSegment
+from ..model.sequence import ImageSegment, Segment
 
 
 def text_answer_sample(tokenizer: PreTrainedTokenizerBase, messages: list[dict], pictures: list[ImageSegment],
@@ -36,5 +36,11 @@ def image_answer_sample(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
                         x0: torch.Tensor, noise: torch.Tensor, t: float) -> dict:
     """-> {"segments", "velocity"} for TrainStep: the prompt the server builds, then the target image x0
     [C, h, w] (scaled latents) noised to level t as x_t = (1 - t) x0 + t noise; the velocity is noise - x0."""
-    prompt = prompts.conversation(tokenizer, messages, pictures)
-    return {"segments": prompt + [ImageSegment((1 - t) * x0 + t * noise, t)], "velocity": noise - x0}
+    return noised_target(prompts.conversation(tokenizer, messages, pictures), x0, noise, t)
+
+
+def noised_target(prompt: list[Segment], x0: torch.Tensor, noise: torch.Tensor, t: float) -> dict:
+    """-> {"segments", "velocity"} for TrainStep: `prompt`, then the target x0 [C, h, w] (scaled latents) noised
+    to level t in [0, 1] on the rectified-flow path x_t = (1 - t) x0 + t noise (SD3, section 2); the velocity
+    to learn is d x_t / dt = noise - x0."""
+    return {"segments": [*prompt, ImageSegment((1 - t) * x0 + t * noise, t)], "velocity": noise - x0}

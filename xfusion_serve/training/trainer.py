@@ -29,6 +29,7 @@ from ..model.config import CONFIG_FILE
 from ..model.sequence import ImageSegment, pad_sequences, padded_forward
 from ..model.xfusion import XFusionModel
 from .datasets import CaptionDataset, FolderDataset, encode_dataset
+from .samples import noised_target
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -116,9 +117,7 @@ def make_sample(cfg: TrainConfig, step: int, j: int, latents: torch.Tensor, capt
     if rng.random() < cfg.generation_ratio:
         t = torch.sigmoid(torch.randn((), generator=gen) * cfg.timestep_std + cfg.timestep_mean).item()
         prompt = "" if rng.random() < cfg.caption_dropout else captions[i]
-        return {"segments": [prompts.generation_prompt(tokenizer, prompt),
-                             ImageSegment((1 - t) * x0 + t * noise, t)],
-                "velocity": noise - x0}
+        return noised_target([prompts.generation_prompt(tokenizer, prompt)], x0, noise, t)
     t = rng.uniform(0.0, cfg.caption_max_noise) if cfg.caption_max_noise > 0 else 0.0
     answer = prompts.encode(tokenizer, captions[i]) + [tokenizer.eos_token_id]
     instruction = prompts.caption_instruction(tokenizer, rng.choice(cfg.instructions))
