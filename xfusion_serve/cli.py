@@ -63,9 +63,9 @@ def _train(args: argparse.Namespace) -> None:
         values[name] = tuple(values[name]) if values[name] is not None else None
     cfg = TrainConfig(**values)
     if cfg.dataset == "shapes-tasks":  # the embedded default's recipe: the world's conversation tasks
-        from .demo.task_samples import TaskSamples
+        from .demo.recipe import task_samples
 
-        out = train(cfg, samples=TaskSamples(cfg))
+        out = train(cfg, samples=task_samples(cfg))
     else:
         out = train(cfg, open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed))
     print(f"wrote {out}")
@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.base_url and args.tasks:
         from .demo.evaluate_tasks import task_accuracy, task_report
 
-        results["tasks"] = task_accuracy(client, args.tasks)
+        results["tasks"] = task_accuracy(client, args.tasks, text_first=not args.draw_directly)
         print(task_report(results["tasks"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=100,
                    help="with --base-url: also this many conversation tasks of each kind (drawing from full and "
                         "partial prompts, questions, caption requests, edits, two-picture questions; demo/tasks.py)")
+    p.add_argument("--draw-directly", action="store_true",
+                   help="ask for drawings and edits with modalities [\"image\"] (a checkpoint trained to draw straight "
+                        "after the user's words, as the first demo) instead of [\"text\", \"image\"] (the recipe's)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)

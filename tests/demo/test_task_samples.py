@@ -12,6 +12,7 @@ from xfusion_serve.demo.shapes import read_image
 from xfusion_serve.demo.task_samples import MIX, TaskSamples
 from xfusion_serve.model import prompts
 from xfusion_serve.model.latents import encode_images
+from xfusion_serve.server.conversation import Conversation
 from xfusion_serve.training.samples import image_answer_sample, text_answer_sample
 from xfusion_serve.training.trainer import TrainConfig, train
 
@@ -161,8 +162,9 @@ def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_d
     for (kind, task, _, a), (_, _, _, b) in zip(drawn(plain, 1, 48), drawn(first, 1, 48)):
         if kind in ("draw", "edit"):
             opened[kind] += 1
-            said = task.messages + [{"role": "assistant", "content": task.target.caption}]
-            want = prompts.conversation(tok, said, images(b["segments"])[:-1], add_generation_prompt=False,
+            # as the chat route builds the image's prompt after its text (server/chat.py, add_conversation)
+            said = Conversation(task.messages, [], images(b["segments"])[:-1]).answered_with(task.target.caption, False)
+            want = prompts.conversation(tok, said.messages, said.pictures, add_generation_prompt=False,
                                         continue_final_message=True)
             assert [p for p in b["segments"][:-1] if not isinstance(p, ImageSegment)] == \
                    [p for p in want if not isinstance(p, ImageSegment)]

@@ -197,6 +197,12 @@ def test_a_chat_can_answer_with_text_and_then_an_image_drawn_after_it(live):
         assert said and message["content"] == said  # the text turn, decoded as a text answer is
         assert both["usage"]["prompt_tokens"] == text["usage"]["prompt_tokens"]
         assert both["usage"]["completion_tokens"] == 4 and both["usage"]["images"] == 1
+        assert both["choices"][0]["finish_reason"] == "length"  # the text was cut at max_tokens
+        two = chat(messages=messages, modalities=["text", "image"], n=2, **sampling, **image)["choices"][0]["message"]
+        assert two["content"] == said and len(images_of(two)) == 2 and images_of(two)[0] == images_of(message)[0]
+        bad = h.post("/v1/chat", json={"messages": messages, "modalities": ["text", "image"],
+                                       "add_generation_prompt": False})
+        assert bad.status_code == 400 and "add_generation_prompt" in bad.text
         # The image is the one drawn after the conversation with the assistant's turn opened by that text ...
         opened = messages + [{"role": "assistant", "content": said}]
         after = chat(messages=opened, modalities=["image"], add_generation_prompt=False,

@@ -33,18 +33,20 @@ def openai_messages(task: Task) -> list[dict]:
     return out
 
 
-def _answer(client: OverHTTP, task: Task, seed: int) -> str | Image.Image:
+def _answer(client: OverHTTP, task: Task, seed: int, text_first: bool) -> str | Image.Image:
     body = {"messages": openai_messages(task), "max_tokens": 24}
-    if task.target is not None:  # draw or edit: the caption of what it draws, then the image
-        body |= {"modalities": ["text", "image"], "seed": seed}
+    if task.target is not None:  # draw or edit: (the caption of what it draws, then) the image
+        body |= {"modalities": ["text", "image"] if text_first else ["image"], "seed": seed}
         url = client._post("/v1/chat", body)["choices"][0]["message"]["images"][0]["image_url"]["url"]
         return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     return client._post("/v1/chat", body)["choices"][0]["message"]["content"]
 
 
-def task_accuracy(client: OverHTTP, n: int, seed: int = TASK_SEED) -> dict[str, dict[str, float]]:
+def task_accuracy(client: OverHTTP, n: int, seed: int = TASK_SEED, text_first: bool = True
+                  ) -> dict[str, dict[str, float]]:
     """n tasks of each kind -> {row: {column: accuracy}}; rows: draw (full), draw (partial), question,
-    describe, edit, compare."""
+    describe, edit, compare. `text_first`: drawings and edits asked with modalities ["text", "image"] (the
+    recipe's CAPTION_FIRST), else ["image"] (the first demo's way)."""
     which = {q: a for a, qs in QUESTIONS.items() for q in qs}
     rows: dict[str, dict[str, list[bool]]] = {}
 
@@ -53,7 +55,7 @@ def task_accuracy(client: OverHTTP, n: int, seed: int = TASK_SEED) -> dict[str, 
 
     tasks = [make_task(seed, i, kind) for kind in ("draw", "question", "describe", "edit", "compare")
              for i in range(n)]
-    answers = client._map(lambda it: _answer(client, it[1], seed + it[0]), list(enumerate(tasks)))
+    answers = client._map(lambda it: _answer(client, it[1], seed + it[0], text_first), list(enumerate(tasks)))
     for t, answer in zip(tasks, answers):
         text = t.messages[-1]["content"][-1]["text"]
         if t.kind == "draw":

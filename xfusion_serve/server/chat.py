@@ -2,14 +2,16 @@
 prompt; the answer is text (n choices, log-probabilities) or, with `modalities: ["image"]`, images, or with
 `modalities: ["text", "image"]` text and then images drawn after it.
 
-Images come back as OpenRouter-style gateways and SGLang-Omni give them: `message.content` stays a string and
-`message.images` is [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]. Streamed, the
-first chunk carries the role, then one chunk per denoising step (`progress`), then `delta.images`.
+Images come back as OpenRouter-style gateways and SGLang-Omni give them: `message.content` stays a string (the
+text before them, or "") and `message.images` is [{"type": "image_url", "image_url": {"url":
+"data:image/png;base64,..."}}]. Streamed, the first chunk carries the role, then the text's deltas (with
+["text", "image"]), one chunk per denoising step (`progress`), then `delta.images`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from functools import partial
@@ -54,8 +56,11 @@ async def chat_response(request: Request, body, *, logprobs: int | None = None, 
     server = server_of(request)
     if body.wants_image:  # what does not depend on the conversation is checked before it is read
         server.check_size(body.size)
+        if body.text_before_image and not (body.add_generation_prompt or body.continue_final_message):
+            raise APIError(400, "modalities [\"text\", \"image\"] needs the assistant's turn: add_generation_prompt "
+                                "or continue_final_message", param="add_generation_prompt")
         if logprobs is not None:
-            raise APIError(400, "logprobs are for text answers, not with modalities [\"image\"]", param="logprobs")
+            raise APIError(400, "logprobs are for text answers, not with an image in modalities", param="logprobs")
     conv = await read_conversation(body.messages, server.config.allowed_image_domains,
                                    server.config.engine.max_prompt_images)
     template = {"add_generation_prompt": body.add_generation_prompt,
@@ -82,7 +87,8 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         if said is None:
             return start(request, partial(add_conversation, conv=conv, image=options, **template))
         return start(request, partial(add_conversation, conv=conv.answered_with(said, template["continue_final_message"]),
-                                      image=options, add_generation_prompt=False, continue_final_message=True))
+                                      image=options, add_generation_prompt=False, continue_final_message=True),
+                     admitted=True)
 
     first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body), **template)
                         ) if body.text_before_image else await draw(None)
@@ -97,13 +103,16 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "images": len(done.images)}
 
+    def finish(said) -> str:  # "length": the text was cut at max_tokens, and the images drawn after it
+        return said.finish_reason if said else "stop"
+
     if not body.stream:
         said = await final(request, first) if body.text_before_image else None
         done = await final(request, await draw(said.text) if said else first)
         message = {"role": "assistant", "content": said.text if said else "",
                    "images": await asyncio.to_thread(images_of, done)}
         return base | {"object": "chat.completion", "usage": usage(done, said), "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]}
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish(said)}]}
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
         return base | {"object": "chat.completion.chunk", **extra,
@@ -113,16 +122,19 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         yield chunk({"role": "assistant", "content": ""})
         events, said, sent = first, None, ""
         if body.text_before_image:  # the text as it is written (the rest, held back, with its end); then the image
-            async for ev in first:
-                if ev.kind == "token" and ev.text:
-                    sent += ev.text
-                    yield chunk({"content": ev.text})
-                elif ev.kind == "done":
-                    if ev.finish_reason == "error":
-                        raise done_error(ev)
-                    said = ev
-                    if ev.text[len(sent):]:
-                        yield chunk({"content": ev.text[len(sent):]})
+            async with contextlib.aclosing(first):  # a client that leaves mid-text cancels it at once
+                async for ev in first:
+                    if ev.kind == "token" and ev.text:
+                        sent += ev.text
+                        yield chunk({"content": ev.text})
+                    elif ev.kind == "done":
+                        if ev.finish_reason == "error":
+                            raise done_error(ev)
+                        said = ev
+                        if ev.text[len(sent):]:
+                            yield chunk({"content": ev.text[len(sent):]})
+            if said is None:
+                raise APIError(500, "the text ended without its done event", "server_error")
             events = await draw(said.text)
         async for ev in events:
             if ev.kind == "step":
@@ -130,7 +142,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
             elif ev.kind == "done":
                 if ev.finish_reason == "error":
                     raise done_error(ev)
-                yield chunk({"images": await asyncio.to_thread(images_of, ev)}, "stop")
+                yield chunk({"images": await asyncio.to_thread(images_of, ev)}, finish(said))
                 if include_usage:
                     yield chunk({}) | {"choices": [], "usage": usage(ev, said)}
 

@@ -89,6 +89,7 @@ class ConversationFields(GenerationFields):
     messages: list[Message] = Field(min_length=1, max_length=512)
     modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1)
     n: int = Field(default=1, ge=1, le=8)  # text: n choices (seed s: choice i samples with s + i); image: n images
+    # (after one text, with ["text", "image"])
     add_generation_prompt: bool = True  # vLLM's: False leaves the prompt as the template renders the messages
     continue_final_message: bool = False  # vLLM's: the last (assistant) message is continued, left open
 
@@ -100,6 +101,7 @@ class ConversationFields(GenerationFields):
 
     @property
     def text_before_image(self) -> bool:
+        """modalities ["text", "image"]: the turn's text is decoded first, and the n images are drawn after it."""
         return self.wants_image and "text" in self.modalities
 
 

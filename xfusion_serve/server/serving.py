@@ -89,19 +89,21 @@ def _give_back_place(request: Request) -> None:
         server_of(request).admitting -= 1
 
 
-async def start(request: Request, add) -> AsyncIterator[Event]:
+async def start(request: Request, add, *, admitted: bool = False) -> AsyncIterator[Event]:
     """Queues a request; whatever refuses it before its first event becomes an HTTP error.
-    -> an iterator over all of its events."""
-    return (await start_all(request, [add]))[0]
+    -> an iterator over all of its events. `admitted`: a later part of an HTTP request whose first part was
+    admitted (an image after its text): the queue limit and a drain do not refuse it halfway."""
+    return (await start_all(request, [add], admitted=admitted))[0]
 
 
-async def start_all(request: Request, adds: list) -> list[AsyncIterator[Event]]:
+async def start_all(request: Request, adds: list, *, admitted: bool = False) -> list[AsyncIterator[Event]]:
     """Queues every part of a request (its n choices) at once, so that they are prefilled together; if one is
     refused, the others are cancelled and the refusal becomes the HTTP error. -> one event iterator each."""
     server = server_of(request)
     _give_back_place(request)
     # No await from here to the queue: the check and the queueing are one step for the event loop.
-    _refuse_when_full(server, server.admitting)
+    if not admitted:
+        _refuse_when_full(server, server.admitting)
     streams = [server.engine.submit(add) for add in adds]
     firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
     refused = next((f for f in firsts if isinstance(f, BaseException) or (
