@@ -109,14 +109,14 @@ def test_the_task_eval_scores_right_answers_right_and_wrong_ones_wrong(monkeypat
     from xfusion_serve.demo import evaluate_tasks
     from xfusion_serve.demo.shapes import render
 
-    def oracle(client, task, seed):
+    def oracle(client, task, seed, text_first):
         if task.kind == "edit":
             return task.target_image
         if task.kind == "draw":
             return render(task.target, random.Random(seed))
         return f"It is {task.answer}."
 
-    def liar(client, task, seed):
+    def liar(client, task, seed, text_first):
         if task.kind in ("draw", "edit"):
             return task.pictures[0] if task.pictures else render(shapes_other(task.target), random.Random(seed))
         return {"yes": "no", "no": "yes"}.get(task.answer, "I do not know")
@@ -141,3 +141,31 @@ def test_the_task_eval_scores_right_answers_right_and_wrong_ones_wrong(monkeypat
     for row in ("draw (full)", "question", "describe", "edit (changed)", "compare"):
         assert all(v == 0.0 for v in wrong[row].values()), (row, wrong[row])
     assert "draw (full)" in evaluate_tasks.task_report(wrong)
+
+
+def test_the_task_eval_asks_for_text_then_image_unless_told_to_draw_directly():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from xfusion_serve.demo import evaluate_tasks
+    from xfusion_serve.demo.tasks import make_task
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    class Recorder:
+        bodies = []
+
+        def _post(self, path, body):
+            self.bodies.append(body)
+            return {"choices": [{"message": {"content": "a", "images": [{"image_url": {"url": url}}]}}]}
+
+    client = Recorder()
+    for text_first in (True, False):
+        evaluate_tasks._answer(client, make_task(0, 0, "draw"), 3, text_first)
+        evaluate_tasks._answer(client, make_task(0, 0, "edit"), 3, text_first)
+    assert [b["modalities"] for b in client.bodies] == [["text", "image"]] * 2 + [["image"]] * 2
+    assert all(b["seed"] == 3 for b in client.bodies)

@@ -86,9 +86,9 @@ async def _image_response(request: Request, body, conv, template: dict, include_
     def draw(said: str | None):
         if said is None:
             return start(request, partial(add_conversation, conv=conv, image=options, **template))
-        return start(request, partial(add_conversation, conv=conv.answered_with(said, template["continue_final_message"]),
-                                      image=options, add_generation_prompt=False, continue_final_message=True),
-                     admitted=True)
+        opened = conv.answered_with(said, template["continue_final_message"])
+        return start(request, partial(add_conversation, conv=opened, image=options, add_generation_prompt=False,
+                                      continue_final_message=True), admitted=True)
 
     first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body), **template)
                         ) if body.text_before_image else await draw(None)
@@ -103,7 +103,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "images": len(done.images)}
 
-    def finish(said) -> str:  # "length": the text was cut at max_tokens, and the images drawn after it
+    def finish_of(said) -> str:  # "length": the text was cut at max_tokens, and the images drawn after it
         return said.finish_reason if said else "stop"
 
     if not body.stream:
@@ -112,7 +112,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         message = {"role": "assistant", "content": said.text if said else "",
                    "images": await asyncio.to_thread(images_of, done)}
         return base | {"object": "chat.completion", "usage": usage(done, said), "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish(said)}]}
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_of(said)}]}
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
         return base | {"object": "chat.completion.chunk", **extra,
@@ -142,7 +142,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
             elif ev.kind == "done":
                 if ev.finish_reason == "error":
                     raise done_error(ev)
-                yield chunk({"images": await asyncio.to_thread(images_of, ev)}, finish(said))
+                yield chunk({"images": await asyncio.to_thread(images_of, ev)}, finish_of(said))
                 if include_usage:
                     yield chunk({}) | {"choices": [], "usage": usage(ev, said)}
 
