@@ -16,7 +16,7 @@ from PIL import Image
 from xfusion_serve.demo.shapes import sample as shape_sample
 from xfusion_serve.model import prompts
 from xfusion_serve.model.reference import reference_forward
-from xfusion_serve.model.sequence import sequence_length
+from xfusion_serve.model.sequence import image_tokens, sequence_length
 from xfusion_serve.server.schemas import image_to_base64
 from xfusion_serve.server.state import ServerConfig
 
@@ -230,6 +230,30 @@ def test_a_chat_can_answer_with_text_and_then_an_image_drawn_after_it(live):
         assert [e["progress"]["step"] for e in events if "progress" in e] == [1, 2]
         assert images_of(deltas[-1]) == images_of(message)
         assert events[-1]["usage"] == both["usage"]
+    wait_idle(engine)
+    assert not engine.requests
+
+
+def test_the_text_before_an_image_leaves_the_image_room_in_the_context(live):
+    url, engine, client = live
+    messages = [{"role": "user", "content": "draw"}]
+    image_len = image_tokens(engine.encode_image(picture(1)).latent, engine.ckpt.config.patch_size) + 2
+    context = engine.scheduler.max_model_len
+    with httpx.Client(base_url=url, timeout=60) as h:
+        prompt = h.post("/v1/chat", json={"messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        body = {"messages": messages, "modalities": ["text", "image"], "max_tokens": 100, "ignore_eos": True,
+                "steps": 1}
+        try:
+            engine.scheduler.max_model_len = prompt + 6 + image_len  # room for 6 tokens of text, then the image
+            r = h.post("/v1/chat", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
+            assert len(images_of(r.json()["choices"][0]["message"])) == 1
+            engine.scheduler.max_model_len = prompt + image_len  # no room for text
+            r = h.post("/v1/chat", json=body)
+            assert r.status_code == 400 and "no room" in r.text
+        finally:
+            engine.scheduler.max_model_len = context
     wait_idle(engine)
     assert not engine.requests
 

@@ -90,8 +90,8 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         return start(request, partial(add_conversation, conv=opened, image=options, add_generation_prompt=False,
                                       continue_final_message=True), admitted=True)
 
-    first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body), **template)
-                        ) if body.text_before_image else await draw(None)
+    first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body),
+                                         image_after=options, **template)) if body.text_before_image else await draw(None)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": server.model_name}
 
     def images_of(done) -> list[dict]:  # PNG encoding: off the event loop

@@ -4,7 +4,7 @@ engine request it becomes: a text answer, or images drawn with the whole convers
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlparse
 
 from PIL import Image
@@ -12,6 +12,7 @@ from PIL import Image
 from ..engine.engine import Engine
 from ..engine.text_sampling import SamplingParams
 from ..model import prompts
+from ..model.sequence import sequence_length
 from .schemas import MAX_IMAGE_BYTES, ContentPart, Message, decode_image, image_from_base64
 from .serving import APIError
 
@@ -115,9 +116,11 @@ class ImageOptions:
 
 def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingParams | None = None,
                      image: ImageOptions | None = None, add_generation_prompt: bool = True,
-                     continue_final_message: bool = False) -> str:
+                     continue_final_message: bool = False, image_after: ImageOptions | None = None) -> str:
     """Runs on the engine's thread: the pictures through the VAE encoder, the conversation's segments, then a
-    text request (`params`) or an image request (`image`). -> the request id. ValueError: a bad conversation."""
+    text request (`params`) or an image request (`image`). `image_after`: the text is to be followed by that
+    image, so its max_tokens is capped to leave the image room in the context. -> the request id. ValueError:
+    a bad conversation, or one that leaves no room for text and the image."""
     if conv.pictures is None:
         conv.pictures = [engine.encode_image(im) for im in conv.images]
     segments = prompts.conversation(engine.tokenizer, conv.messages, conv.pictures,
@@ -127,4 +130,18 @@ def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingPara
         return engine.add_image(segments, n=image.n, size=image.size, steps=image.steps,
                                 guidance_scale=image.guidance_scale, seed=image.seed,
                                 negative_prompt=image.negative_prompt, preview_every=image.preview_every)
+    if image_after is not None:
+        params = replace(params, max_tokens=min(params.max_tokens, _room_for_text(engine, segments, image_after)))
     return engine.add_text(segments, params)
+
+
+def _room_for_text(engine: Engine, segments: list, image: ImageOptions) -> int:
+    """Tokens of text that fit between `segments` and an image of image.size (<boi>, its tokens, <eoi>)."""
+    cfg, vae = engine.ckpt.config, engine.ckpt.model.vae_info
+    height, width = image.size or cfg.image_sizes[0]
+    image_len = (height // vae.downsample // cfg.patch_size) * (width // vae.downsample // cfg.patch_size) + 2
+    room = engine.scheduler.max_model_len - sequence_length(segments, cfg.patch_size) - image_len
+    if room < 1:
+        raise ValueError(f"the conversation leaves no room for text before a {width}x{height} image in the "
+                         f"model's context ({engine.scheduler.max_model_len} tokens)")
+    return room
