@@ -137,3 +137,13 @@ def test_missing_component_is_not_mistaken_for_a_hub_id(checkpoint_dir):
     set_config(checkpoint_dir, vae="/nonexistent/vae")
     with pytest.raises(CheckpointError, match="missing VAE directory"):
         load_checkpoint(checkpoint_dir)
+
+
+def test_an_image_size_gives_its_latent_shape_and_token_count():
+    from xfusion_serve.model.config import VAEInfo
+    from xfusion_serve.model.sequence import image_tokens
+
+    vae = VAEInfo(latent_channels=16, downsample=8, scaling_factor=1.0, shift_factor=0.0)
+    assert vae.latent_shape(256, 128) == (16, 32, 16)  # SD3's VAE: 256x128 pixels -> 16 x 32x16 latent
+    assert image_tokens(vae.latent_shape(256, 128), 2) == 16 * 8  # 2x2 patches
+    assert image_tokens(torch.zeros(1, 16, 32, 16), 2) == 128

@@ -55,8 +55,7 @@ class RequestInputs:
             raise ValueError(f"size {width}x{height} is not one of the trained sizes")
         segments = _segments(prompts.generation_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else prompt)
         self._check_images(segments)
-        vae = self.ckpt.model.vae_info
-        shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
+        shape = self.ckpt.model.vae_info.latent_shape(height, width)
         seed = random.SystemRandom().randrange(2**31) if seed is None else seed
         seeds = [seed + i for i in range(n)]
         latents = torch.stack([initial_noise(shape, s) for s in seeds]).to(self.runner.device)

@@ -211,10 +211,10 @@ class ModelRunner:
         a size of 1), so that no request waits for it. No CUDA graphs: they would be recorded anew for every
         batch shape, and a denoising step of a real model is long enough for its launches not to matter."""
         self.captured_denoise = torch.compile(self._denoise_step)
-        vae, two_blocks = self.model.vae_info, 2 * self.pools["vision"].block_size
+        two_blocks = 2 * self.pools["vision"].block_size
         for rows in (2, 1):
             for height, width in self.model.config.image_sizes:
-                latents = torch.zeros(rows, vae.latent_channels, height // vae.downsample, width // vae.downsample)
+                latents = torch.zeros(rows, *self.model.vae_info.latent_shape(height, width))
                 self.velocity(latents, [1.0] * rows, [{tower: [0, 0] for tower in self.prompt_towers}] * rows,
                               [two_blocks] * rows)
         self._prefix = None

@@ -23,8 +23,7 @@ def sample_images_uncached(model: XFusionModel, tokenizer, prompt_texts: list[st
                            steps: int, guidance_scale: float, shift: float, height: int, width: int,
                            negative_prompt: str = "") -> torch.Tensor:
     """Whole sequences through the model at every step, cond and uncond rows in one batch -> scaled latents."""
-    vae = model.vae_info
-    lat_shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
+    lat_shape = model.vae_info.latent_shape(height, width)
     dev = model.text.model.embed_tokens.weight.device
     x = torch.stack([initial_noise(lat_shape, s) for s in seeds]).to(dev)
     cond = [prompts.generation_prompt(tokenizer, p) for p in prompt_texts]

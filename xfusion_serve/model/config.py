@@ -130,6 +130,10 @@ class VAEInfo:
     scaling_factor: float
     shift_factor: float
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent [C, h, w] of a height x width image (pixels)."""
+        return self.latent_channels, height // self.downsample, width // self.downsample
+
     @classmethod
     def from_dir(cls, vae_dir: Path) -> "VAEInfo":
         path = vae_dir / "config.json"

@@ -28,9 +28,10 @@ class ImageSegment:
 Segment = list[int] | ImageSegment
 
 
-def image_tokens(latent: torch.Tensor, patch_size: int) -> int:
-    """Tokens of an image latent [..., C, h, w]: one per patch_size x patch_size patch."""
-    return (latent.shape[-2] // patch_size) * (latent.shape[-1] // patch_size)
+def image_tokens(latent: torch.Tensor | tuple[int, ...], patch_size: int) -> int:
+    """Tokens of an image latent [..., C, h, w] (or its shape): one per patch_size x patch_size patch."""
+    shape = latent.shape if isinstance(latent, torch.Tensor) else latent
+    return (shape[-2] // patch_size) * (shape[-1] // patch_size)
 
 
 def sequence_length(segments: list[Segment], patch_size: int) -> int:

@@ -12,7 +12,7 @@ from PIL import Image
 from ..engine.engine import Engine
 from ..engine.text_sampling import SamplingParams
 from ..model import prompts
-from ..model.sequence import sequence_length
+from ..model.sequence import image_tokens, sequence_length
 from .schemas import MAX_IMAGE_BYTES, ContentPart, Message, decode_image, image_from_base64
 from .serving import APIError
 
@@ -137,9 +137,9 @@ def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingPara
 
 def _room_for_text(engine: Engine, segments: list, image: ImageOptions) -> int:
     """Tokens of text that fit between `segments` and an image of image.size (<boi>, its tokens, <eoi>)."""
-    cfg, vae = engine.ckpt.config, engine.ckpt.model.vae_info
+    cfg = engine.ckpt.config
     height, width = image.size or cfg.image_sizes[0]
-    image_len = (height // vae.downsample // cfg.patch_size) * (width // vae.downsample // cfg.patch_size) + 2
+    image_len = image_tokens(engine.ckpt.model.vae_info.latent_shape(height, width), cfg.patch_size) + 2
     room = engine.scheduler.max_model_len - sequence_length(segments, cfg.patch_size) - image_len
     if room < 1:
         raise ValueError(f"the conversation leaves no room for text before a {width}x{height} image in the "
