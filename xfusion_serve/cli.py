@@ -20,10 +20,12 @@ def _size(text: str) -> tuple[int, int]:
 
 def _init(args: argparse.Namespace) -> None:
     from .model.checkpoint import init_checkpoint
+    from .model.config import ImageAnswer
 
     out = init_checkpoint(
         args.text_tower, args.vae, args.out,
         image_sizes=args.image_size, xfuse=args.xfuse, link_text_tower=args.link_text_tower, seed=args.seed,
+        image_answer=ImageAnswer(text_first=args.text_first),
     )
     print(f"wrote an untrained X-Fusion checkpoint to {out}")
 
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xfuse", action="store_true", help="turn on the paper's X-Fuse feature mixing")
     p.add_argument("--link-text-tower", action="store_true",
                    help="point at the text tower where it is instead of copying it into the checkpoint")
+    p.add_argument("--text-first", action="store_true",
+                   help="image answers open with the assistant's text, then draw after it (trained so by "
+                        "`train --dataset shapes-tasks`; every image route then decodes that text first)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_init)
 

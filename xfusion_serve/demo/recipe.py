@@ -9,8 +9,8 @@ from nothing, in one command on CPU:
 3. `init` (vision blocks copied from the text blocks), then `train` (the paper's recipe) on the shapes world's
    conversation tasks (demo/task_samples.py: drawing, edits, questions, captions, two-picture questions),
    an image answer's turn opening with the caption of what it draws (CAPTION_FIRST);
-4. the figures: the tasks through a live server (`xfusion-serve eval --tasks`), the plain routes' captioning
-   and drawing in process; and a manifest: the command, the seeds, sha256 of every file, the figures.
+4. the figures, all through a live server (`xfusion-serve eval`): the plain routes' captioning and drawing,
+   and the tasks; and a manifest: the command, the seeds, sha256 of every file, the figures.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from ..model.checkpoint import init_checkpoint, load_checkpoint
-from ..model.config import SamplerDefaults
+from ..model.checkpoint import init_checkpoint
+from ..model.config import ImageAnswer, SamplerDefaults, XFusionConfig
 from ..training.trainer import STATE_FILE, TrainConfig, train
-from .evaluate import OverHTTP, evaluate_in_process, live_server, report
+from .evaluate import OverHTTP, caption_accuracy, generation_accuracy, live_server, report
 from .evaluate_tasks import TASK_SEED, task_accuracy, task_report
 from .task_samples import TaskSamples
 from .text import pretrain_llm, text_task_accuracy
@@ -56,7 +56,8 @@ LR = 2e-3
 
 
 # The assistant first says, in the world's caption words, what it draws, then draws it (the frozen LM writes
-# that caption; the server's modalities ["text", "image"]). Straight after the user's words the vision tower
+# that caption; written into the checkpoint as image_answer.text_first, so that every image route of the
+# server says it first). Straight after the user's words the vision tower
 # must find the named attributes wherever a phrasing puts them and, trained so, learnt to look away from the
 # text; after the caption they stand where the first demo's template put them. Measured with
 # benchmarks/ablate_draw_answer.py (README, "The embedded demo checkpoint").
@@ -64,8 +65,9 @@ CAPTION_FIRST = True
 
 
 def task_samples(cfg: TrainConfig) -> TaskSamples:
-    """The recipe's samples for a vision-tower config."""
-    return TaskSamples(cfg, caption_first=CAPTION_FIRST)
+    """The recipe's samples for a vision-tower config: image answers drawn after text when the checkpoint
+    answers so (its image_answer.text_first)."""
+    return TaskSamples(cfg, caption_first=XFusionConfig.load(cfg.checkpoint).image_answer.text_first)
 
 
 def vision_config(init: Path, out: Path, *, steps: int, caption_max_noise: float = 0.0, seed: int = 0,
@@ -78,20 +80,22 @@ def vision_config(init: Path, out: Path, *, steps: int, caption_max_noise: float
 
 
 def measure(checkpoint: Path, eval_samples: int, eval_tasks: int) -> dict[str, dict]:
-    """The figures of a trained checkpoint: the plain routes' captioning and drawing in process (fresh
-    samples), and the conversation tasks through a live server. Printed, and returned for the manifest."""
-    figures = {"in_process_" + k: v for k, v in
-               evaluate_in_process(load_checkpoint(checkpoint), eval_samples, eval_samples).items()}
+    """The figures of a trained checkpoint, all through a live server on fresh seeds (what a user gets): the
+    plain routes' captioning (/v1/caption) and drawing (/v1/generate-image), and the conversation tasks.
+    Printed, and returned for the manifest."""
     with live_server(checkpoint) as url:
-        figures["tasks_over_http"] = task_accuracy(OverHTTP(url), eval_tasks)
+        client = OverHTTP(url)
+        figures = {"captioning": caption_accuracy(client.caption, eval_samples),
+                   "generation": generation_accuracy(client.generate, eval_samples),
+                   "tasks": task_accuracy(client, eval_tasks)}
     print_figures(figures)
     return figures
 
 
 def print_figures(figures: dict[str, dict]) -> None:
-    for name in ("in_process_captioning", "in_process_generation"):
-        print(report(name.removeprefix("in_process_"), figures[name]))
-    print(task_report(figures["tasks_over_http"]))
+    for name in ("captioning", "generation"):
+        print(report(name, figures[name]))
+    print(task_report(figures["tasks"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["vae_s"] = round(time.time() - t0 - timings["llm_s"])
 
     init = init_checkpoint(text_tower, vae, work / "init", image_sizes=[(64, 64)], seed=args.seed,
-                           sampler=SamplerDefaults(steps=args.sampler_steps, guidance_scale=args.guidance_scale))
+                           sampler=SamplerDefaults(steps=args.sampler_steps, guidance_scale=args.guidance_scale),
+                           image_answer=ImageAnswer(text_first=CAPTION_FIRST))
     cfg = vision_config(init, work / "trained", steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                         lambda_ar=args.lambda_ar, caption_max_noise=args.caption_max_noise, seed=args.seed)
     t1 = time.time()

@@ -59,6 +59,20 @@ class SamplerDefaults(_Strict):
     shift: float = Field(default=1.0, gt=0.0)
 
 
+class ImageAnswer(_Strict):
+    """How the checkpoint was trained to answer with an image.
+
+    `text_first`: the assistant's turn first says what it draws (the frozen text tower writes it: the demo's
+    caption), then draws after that text (demo/recipe.py CAPTION_FIRST). Every image route then decodes that
+    text first (greedy unless the request samples it; at most `max_text_tokens` tokens unless the request asked
+    for text) and draws after it. False: images are drawn straight after the prompt (the paper's generation
+    sequence, arXiv 2504.20996 section 3).
+    """
+
+    text_first: bool = False
+    max_text_tokens: int = Field(default=64, ge=1)
+
+
 class XFusionConfig(_Strict):
     format_version: int = 1
     # A path relative to the checkpoint directory, an absolute local directory, or a hub id.
@@ -70,6 +84,7 @@ class XFusionConfig(_Strict):
     patch_size: int = Field(default=2, ge=1)
     xfuse: bool = False
     sampler: SamplerDefaults = SamplerDefaults()
+    image_answer: ImageAnswer = ImageAnswer()
 
     @field_validator("image_sizes")
     @classmethod
