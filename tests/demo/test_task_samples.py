@@ -6,8 +6,10 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import set_config
 
 from xfusion_serve import EMBEDDED_CHECKPOINT, ImageSegment, load_checkpoint
+from xfusion_serve.demo.recipe import task_samples
 from xfusion_serve.demo.shapes import read_image
 from xfusion_serve.demo.task_samples import MIX, TaskSamples
 from xfusion_serve.model import prompts
@@ -151,7 +153,7 @@ def test_the_recipes_training_is_deterministic_for_a_seed(tmp_path):
     assert run("c", 1) != first
 
 
-def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_draws(ckpt):
+def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_draws(ckpt, checkpoint_dir):
     """With caption_first, a drawing or an edit is drawn after the assistant's turn opened by the target's
     caption, as the server builds it for modalities ["text", "image"]; all else is as without it."""
     kw = dict(caption_dropout=0.0, mix={"draw": 1, "edit": 1, "generate": 1, "question": 1})
@@ -176,6 +178,10 @@ def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_d
             assert [p for p in b["segments"] if not isinstance(p, ImageSegment)] == \
                    [p for p in a["segments"] if not isinstance(p, ImageSegment)]
     assert opened["draw"] and opened["edit"]
+    # The recipe's samples answer as the checkpoint says it answers (image_answer.text_first, set at init).
+    for text_first in (False, True):
+        set_config(checkpoint_dir, image_answer={"text_first": text_first})
+        assert task_samples(TrainConfig(checkpoint=str(checkpoint_dir), out="")).caption_first is text_first
     # The unconditional branch of CFG stays the engine's shared empty prompt.
     dropped = TaskSamples(TrainConfig(checkpoint="", out="", caption_dropout=1.0), {"draw": 1}, caption_first=True)
     dropped.prepare(ckpt, 64, 64, show_progress=False)

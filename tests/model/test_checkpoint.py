@@ -65,8 +65,12 @@ def test_cli_init_then_load(tmp_path, text_tower, vae_dir, capsys):
     ckpt = load_checkpoint(out)
     assert ckpt.config.image_sizes == [(8, 16), (16, 16)]
     assert ckpt.vae is not None and ckpt.eos_token_ids == [3, 4]
+    assert not ckpt.config.image_answer.text_first  # images straight after the prompt, as the paper draws them
     assert cli(["init", "--text-tower", str(text_tower), "--vae", str(vae_dir), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert cli(["init", "--text-tower", str(text_tower), "--vae", str(vae_dir), "--out", str(tmp_path / "first"),
+                "--text-first"]) == 0
+    assert load_checkpoint(tmp_path / "first", load_vae=False).config.image_answer.text_first
 
 
 def test_vae_factors_come_from_the_vae_config(checkpoint_dir):
@@ -100,6 +104,9 @@ def _corrupt_param(ckpt_dir, name, fn):
         (lambda c: set_config(c, patch_size="two"), ["xfusion_config.json", "patch_size"]),
         (lambda c: set_config(c, image_sizes=[[10, 10]]), ["xfusion_config.json", "10x10", "multiple of 4"]),
         (lambda c: set_config(c, unknown_field=1), ["xfusion_config.json", "unknown_field"]),
+        (lambda c: set_config(c, image_answer={"text_first": True, "max_text_tokens": 0}),
+         ["xfusion_config.json", "image_answer.max_text_tokens"]),
+        (lambda c: set_config(c, image_answer={"text_frist": True}), ["xfusion_config.json", "text_frist"]),
         (lambda c: (c / "xfusion_config.json").write_text("{"), ["xfusion_config.json", "JSON"]),
     ],
 )

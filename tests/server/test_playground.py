@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import run_live
+from conftest import run_live, set_config
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -347,9 +347,9 @@ def test_conversation_with_pictures_image_answers_and_an_edit(page, random_check
         page.wait_for_selector("#chat-attached img >> nth=1")
         page.fill("#chat-input", "what are these")
         start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
-        first = {"role": "user", "content": [{"type": "text", "text": "what are these"}] + [
-            {"type": "image_url", "image_url": {"url": u}} for u in uris]}
-        assert sent[-1].post_data_json["messages"] == [first]  # both pictures, where the user put them
+        first = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in uris] + [
+            {"type": "text", "text": "what are these"}]}
+        assert sent[-1].post_data_json["messages"] == [first]  # both pictures, then the text (as edits have them)
         answer = chat({"messages": [first]})["content"]
         assert page.locator("#chat-log .assistant .text").nth(0).text_content() == answer
         assert page.locator("#chat-log .user img").count() == 2 and page.is_hidden("#chat-attached")
@@ -382,3 +382,37 @@ def test_conversation_with_pictures_image_answers_and_an_edit(page, random_check
         assert len(messages) == 7 and messages[3]["images"] == drawn
         assert messages[5]["images"][0]["image_url"]["url"] == edited.get_attribute("src")
         shot(page, "conversation")
+
+
+def test_a_checkpoint_that_says_what_it_draws_shows_its_words_before_its_image(page, random_checkpoint_dir, tmp_path):
+    set_config(random_checkpoint_dir, image_answer={"text_first": True, "max_text_tokens": 4})
+    shape_sample(9, 0)[1].save(tmp_path / "p.png")
+    with serving(random_checkpoint_dir) as url:
+        sent = []
+        page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat") else None)
+        page.goto(url)
+        page.select_option("#chat-mode", "image")
+        page.fill("#chat-seed", "3")
+        page.fill("#chat-input", "green")  # the tiny model's greedy words before its image: "small left"
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        api = httpx.post(url + "/v1/chat", json={"messages": [{"role": "user", "content": "green"}],
+                                                 "modalities": ["image"], "seed": 3}, timeout=60).json()
+        said = api["choices"][0]["message"]["content"]
+        answer = page.locator("#chat-log .assistant").nth(0)
+        assert said and answer.locator(".text").text_content() == said
+        assert answer.locator("img").get_attribute("src") == api["choices"][0]["message"]["images"][0]["image_url"]["url"]
+        # An edit shows the words it was drawn after (revised_prompt), and the next turn's history keeps them.
+        page.select_option("#chat-mode", "edit")
+        page.set_input_files("#chat-file", [str(tmp_path / "p.png")])
+        page.fill("#chat-input", "green")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        r = httpx.post(url + "/v1/images/edits", files=[("image[]", ("p.png", (tmp_path / "p.png").read_bytes(),
+                                                                     "image/png"))],
+                       data={"prompt": "green", "seed": "3"}, timeout=60).json()["data"][0]
+        edited = page.locator("#chat-log .assistant").nth(1)
+        assert r["revised_prompt"] != "green" and edited.locator(".text").text_content() == r["revised_prompt"]
+        page.select_option("#chat-mode", "text")
+        page.fill("#chat-input", "thanks")
+        start_and_finish(page, "chat", lambda: page.press("#chat-input", "Enter"))
+        messages = sent[-1].post_data_json["messages"]
+        assert messages[1]["content"] == said and messages[3]["content"] == r["revised_prompt"]

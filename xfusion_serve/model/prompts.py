@@ -2,9 +2,9 @@
 
 caption:     <bos> <boi> image <eoi> [instruction "\\n"] caption <eos>
 generation:  <bos> prompt <boi> image <eoi>        (the unconditional row: <bos> <boi> image <eoi>)
-edit:        <bos> <boi> picture <eoi> ... instruction <boi> image <eoi>
 conversation: the tokenizer's chat template over every message, each picture where its part stands as
-             <boi> image <eoi> (clean); the assistant's turn is text, or an image when one is asked for
+             <boi> image <eoi> (clean); the assistant's turn is text, an image, or text then an image (an edit
+             is the user's turn with the pictures, then the instruction)
 """
 
 from __future__ import annotations
@@ -40,14 +40,6 @@ def caption_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str | N
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> list[int]:
     """The text before the image of a generation request; an empty prompt is the unconditional row."""
     return _bos(tokenizer) + encode(tokenizer, (prompt or "").strip())
-
-
-def edit_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, images: list[ImageSegment]) -> list[Segment]:
-    """The sequence before an edited image (/v1/images/edits): the one-turn conversation of a user who sends
-    the pictures, then the instruction, and asks for an image answer; the same sequence /v1/chat builds for
-    it, so an edit is one thing to learn, whichever route asks."""
-    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": instruction.strip()}]
-    return conversation(tokenizer, [{"role": "user", "content": content}], images)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool = True,

@@ -1,6 +1,7 @@
 """A chat turn, for /v1/chat/completions and /v1/chat alike: the whole conversation (pictures included) is the
 prompt; the answer is text (n choices, log-probabilities) or, with `modalities: ["image"]`, images, or with
-`modalities: ["text", "image"]` text and then images drawn after it.
+`modalities: ["text", "image"]` (and ["image"] on a checkpoint that says what it draws first) text and then
+images drawn after it.
 
 Images come back as OpenRouter-style gateways and SGLang-Omni give them: `message.content` stays a string (the
 text before them, or "") and `message.images` is [{"type": "image_url", "image_url": {"url":
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import replace
 from functools import partial
 
 from fastapi import Request
@@ -22,6 +24,7 @@ from .conversation import ImageOptions, add_conversation, read_conversation
 from .logprobs import TokenTexts
 from .schemas import image_to_base64
 from .serving import APIError, done_error, final, sampling_params, server_of, sse_response, start, text_response
+from .text_then_image import TextThenImage
 
 
 def chat_shape(tokenizer, model_name: str):
@@ -74,24 +77,25 @@ async def chat_response(request: Request, body, *, logprobs: int | None = None, 
 
 
 async def _image_response(request: Request, body, conv, template: dict, include_usage: bool):
-    """Images, or with modalities ["text", "image"] text and then images: the text turn is decoded first (the
-    request's sampling; choice 0), and the n images are drawn after the conversation with the turn opened by
-    that text (`Conversation.answered_with`: what the demo's recipe trains with CAPTION_FIRST)."""
+    """Images, or text and then images (server/text_then_image.py): with modalities ["text", "image"], or with
+    ["image"] on a checkpoint that says what it draws first (its text, capped at image_answer.max_text_tokens,
+    is the message's content). The text is choice 0, decoded with the request's sampling; the n images are
+    drawn after it."""
     server = server_of(request)
     if body.seed is not None and body.seed >= 2**31:
         raise APIError(400, "seed must be below 2**31 for image output", param="seed")
     options = ImageOptions(n=body.n, size=server.check_size(body.size), steps=body.denoising_steps,
                            guidance_scale=body.guidance_scale, seed=body.seed, negative_prompt=body.negative_prompt)
-
-    def draw(said: str | None):
-        if said is None:
-            return start(request, partial(add_conversation, conv=conv, image=options, **template))
-        opened = conv.answered_with(said, template["continue_final_message"])
-        return start(request, partial(add_conversation, conv=opened, image=options, add_generation_prompt=False,
-                                      continue_final_message=True), admitted=True)
-
-    first = await start(request, partial(add_conversation, conv=conv, params=sampling_params(body),
-                                         image_after=options, **template)) if body.text_before_image else await draw(None)
+    answer = TextThenImage(request, conv, options, **template)
+    opens_turn = template["add_generation_prompt"] or template["continue_final_message"]
+    text_first = body.text_before_image or (server.image_answer.text_first and opens_turn)
+    if text_first:
+        params = sampling_params(body)
+        if not body.text_before_image:  # text the checkpoint says before its image, not text the client asked for
+            params = replace(params, max_tokens=min(params.max_tokens, server.image_answer.max_text_tokens))
+        first = await answer.say(params)
+    else:
+        first = await start(request, partial(add_conversation, conv=conv, image=options, **template))
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": server.model_name}
 
     def images_of(done) -> list[dict]:  # PNG encoding: off the event loop
@@ -107,8 +111,8 @@ async def _image_response(request: Request, body, conv, template: dict, include_
         return said.finish_reason if said else "stop"
 
     if not body.stream:
-        said = await final(request, first) if body.text_before_image else None
-        done = await final(request, await draw(said.text) if said else first)
+        said = await final(request, first) if text_first else None
+        done = await final(request, await answer.draw(said.text) if said else first)
         message = {"role": "assistant", "content": said.text if said else "",
                    "images": await asyncio.to_thread(images_of, done)}
         return base | {"object": "chat.completion", "usage": usage(done, said), "choices": [
@@ -121,7 +125,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
     async def chunks():
         yield chunk({"role": "assistant", "content": ""})
         events, said, sent = first, None, ""
-        if body.text_before_image:  # the text as it is written (the rest, held back, with its end); then the image
+        if text_first:  # the text as it is written (the rest, held back, with its end); then the image
             async with contextlib.aclosing(first):  # a client that leaves mid-text cancels it at once
                 async for ev in first:
                     if ev.kind == "token" and ev.text:
@@ -135,7 +139,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
                             yield chunk({"content": ev.text[len(sent):]})
             if said is None:
                 raise APIError(500, "the text ended without its done event", "server_error")
-            events = await draw(said.text)
+            events = await answer.draw(said.text)
         async for ev in events:
             if ev.kind == "step":
                 yield chunk({}, progress={"step": ev.step, "steps": ev.steps})

@@ -26,6 +26,15 @@ class Conversation:
     images: list[Image.Image]
     pictures: list | None = None  # their VAE latents, encoded once on the engine thread for every choice
 
+    @classmethod
+    def of_user(cls, text: str, pictures: list[Image.Image] | None = None) -> "Conversation":
+        """One user turn: the pictures, then the text (an image route's prompt; /v1/images/edits sends
+        pictures)."""
+        pictures = pictures or []
+        content = [{"type": "image"}] * len(pictures) + [{"type": "text", "text": text.strip()}] if pictures \
+            else text.strip()
+        return cls([{"role": "user", "content": content}], pictures)
+
     def answered_with(self, text: str, continue_final_message: bool) -> "Conversation":
         """This conversation with the assistant's turn opened by `text` (appended to the last message when that
         turn was being continued), its pictures shared: the prompt of an image that follows the answer's text."""
@@ -113,6 +122,12 @@ class ImageOptions:
     negative_prompt: str = ""
     preview_every: int = 0
 
+    def add(self, engine: Engine, prompt: str | list) -> str:
+        """engine.add_image of `prompt` (a bare generation prompt or segments) with these options -> the id."""
+        return engine.add_image(prompt, n=self.n, size=self.size, steps=self.steps,
+                                guidance_scale=self.guidance_scale, seed=self.seed,
+                                negative_prompt=self.negative_prompt, preview_every=self.preview_every)
+
 
 def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingParams | None = None,
                      image: ImageOptions | None = None, add_generation_prompt: bool = True,
@@ -127,9 +142,7 @@ def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingPara
                                     add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message)
     if image is not None:
-        return engine.add_image(segments, n=image.n, size=image.size, steps=image.steps,
-                                guidance_scale=image.guidance_scale, seed=image.seed,
-                                negative_prompt=image.negative_prompt, preview_every=image.preview_every)
+        return image.add(engine, segments)
     if image_after is not None:
         params = replace(params, max_tokens=min(params.max_tokens, _room_for_text(engine, segments, image_after)))
     return engine.add_text(segments, params)

@@ -1,7 +1,8 @@
 """OpenAI's image routes: /v1/images/generations (JSON) and /v1/images/edits (multipart: one or more `image`
-or `image[]` files and a prompt; the pictures are placed in the prompt, model/prompts.edit_prompt). Both take
-the extra generation fields (negative_prompt, num_inference_steps / steps, guidance_scale, seed) and stream
-partial images as OpenAI does."""
+or `image[]` files and a prompt; the user's turn holds the pictures, then the prompt). Both take the extra
+generation fields (negative_prompt, num_inference_steps / steps, guidance_scale, seed) and stream partial
+images as OpenAI does. On a checkpoint that says what it draws first, each item's revised_prompt is that text
+(server/text_then_image.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import time
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
-from ..model import prompts
+from .conversation import ImageOptions
 from .openai_schemas import OAIImageRequest
 from .schemas import decode_image
-from .serving import APIError, admit, final, image_result, server_of, sse_response, start, validate_body
+from .serving import APIError, admit, final, image_result, server_of, sse_response, validate_body
+from .text_then_image import start_image_route
 
 router = APIRouter()
 
@@ -22,7 +24,7 @@ router = APIRouter()
 @router.post("/v1/images/generations", dependencies=[Depends(admit)])
 async def images_generations(body: OAIImageRequest, request: Request):
     server_of(request).check_model(body.model)
-    return await _images_response(request, body, lambda engine: body.prompt, "image_generation")
+    return await _images_response(request, body, None, "image_generation")
 
 
 _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -34,11 +36,7 @@ _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
 @router.post("/v1/images/edits", dependencies=[Depends(admit)], openapi_extra=_EDIT_BODY)
 async def images_edits(request: Request):
     body, pictures = await _edit_form(request, server_of(request))
-
-    def prompt(engine):  # on the engine's thread: the pictures through the VAE encoder
-        return prompts.edit_prompt(engine.tokenizer, body.prompt, [engine.encode_image(p) for p in pictures])
-
-    return await _images_response(request, body, prompt, "image_edit")
+    return await _images_response(request, body, pictures, "image_edit")
 
 
 async def _edit_form(request: Request, server):
@@ -66,9 +64,9 @@ async def _edit_form(request: Request, server):
     return body, pictures
 
 
-async def _images_response(request: Request, body: OAIImageRequest, prompt_of, event: str):
-    """`prompt_of(engine)` -> the prompt (a text, or segments), called on the engine's thread; `event`: the
-    streamed events' type prefix ("image_generation", "image_edit")."""
+async def _images_response(request: Request, body: OAIImageRequest, pictures, event: str):
+    """`pictures`: an edit's (None: a generation); `event`: the streamed events' type prefix
+    ("image_generation", "image_edit")."""
     server = server_of(request)
     size = server.check_size(body.size)
     preview_every = 0
@@ -76,15 +74,12 @@ async def _images_response(request: Request, body: OAIImageRequest, prompt_of, e
         steps = body.denoising_steps or server.default_steps
         preview_every = max(1, steps // (body.partial_images + 1))
 
-    def add(engine):
-        return engine.add_image(prompt_of(engine), negative_prompt=body.negative_prompt, n=body.n, size=size,
-                                steps=body.denoising_steps, guidance_scale=body.guidance_scale, seed=body.seed,
-                                preview_every=preview_every)
-
-    events = await start(request, add)
+    options = ImageOptions(n=body.n, size=size, steps=body.denoising_steps, guidance_scale=body.guidance_scale,
+                           seed=body.seed, negative_prompt=body.negative_prompt, preview_every=preview_every)
+    revised, events = await start_image_route(request, body.prompt, options, pictures)
     created = int(time.time())
     if not body.stream:
-        return await asyncio.to_thread(image_result, await final(request, events), created, body.prompt)
+        return await asyncio.to_thread(image_result, await final(request, events), created, revised)
 
     async def stream():
         partial = 0
@@ -95,7 +90,7 @@ async def _images_response(request: Request, body: OAIImageRequest, prompt_of, e
                            "partial_image_index": partial, "created_at": created}
                 partial += 1
             elif ev.kind == "done":
-                result = await asyncio.to_thread(image_result, ev, created, body.prompt)
+                result = await asyncio.to_thread(image_result, ev, created, revised)
                 for item in result["data"]:
                     yield {"type": f"{event}.completed", "b64_json": item["b64_json"],
                            "created_at": created, "usage": result["usage"]}

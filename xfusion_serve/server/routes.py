@@ -12,9 +12,11 @@ from PIL import Image
 
 from ..engine.engine import Engine
 from .chat import chat_response
+from .conversation import ImageOptions
 from .schemas import CaptionRequest, ChatRequest, ImageRequest, decode_image, image_from_base64
-from .serving import (APIError, admit, final, image_result, sampling_params, server_of, sse_response, start,
+from .serving import (APIError, admit, final, image_result, sampling_params, server_of, sse_response,
                       text_response, validate_body)
+from .text_then_image import start_image_route
 
 router = APIRouter()
 
@@ -84,15 +86,12 @@ async def generate_image(body: ImageRequest, request: Request):
     server = server_of(request)
     size = server.check_size(body.size)
 
-    def add(engine: Engine) -> str:
-        return engine.add_image(body.prompt, negative_prompt=body.negative_prompt, n=body.n, size=size,
-                                steps=body.denoising_steps, guidance_scale=body.guidance_scale, seed=body.seed,
-                                preview_every=body.preview_every)
-
-    events = await start(request, add)
+    options = ImageOptions(n=body.n, size=size, steps=body.denoising_steps, guidance_scale=body.guidance_scale,
+                           seed=body.seed, negative_prompt=body.negative_prompt, preview_every=body.preview_every)
+    revised, events = await start_image_route(request, body.prompt, options)
     created = int(time.time())
     if not body.stream:
-        return await asyncio.to_thread(image_result, await final(request, events), created, body.prompt)
+        return await asyncio.to_thread(image_result, await final(request, events), created, revised)
 
     async def steps():
         async for ev in events:
@@ -102,7 +101,7 @@ async def generate_image(body: ImageRequest, request: Request):
                     step["images"] = await asyncio.to_thread(server.preview_b64, ev.preview)
                 yield step
             elif ev.kind == "done":
-                yield {"type": "completed"} | await asyncio.to_thread(image_result, ev, created, body.prompt)
+                yield {"type": "completed"} | await asyncio.to_thread(image_result, ev, created, revised)
 
     return sse_response(steps())
 

@@ -12,6 +12,7 @@ from ..engine.config import EngineConfig
 from ..engine.engine import Engine
 from ..engine.text_sampling import SamplingParams
 from ..model.checkpoint import EMBEDDED_CHECKPOINT
+from ..model.config import ImageAnswer
 from ..model.latents import decode_latents
 from .metrics import Metrics
 from .schemas import image_to_base64
@@ -45,6 +46,7 @@ class ServerState:
         self.tokenizer = None
         self.trained_sizes: list[tuple[int, int]] = []
         self.default_steps = 0
+        self.image_answer = ImageAnswer()  # how the checkpoint answers with an image (text first or not)
         self.started = int(time.time())
         self.vae = None
         self.ready = False
@@ -74,6 +76,7 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
         self.default_steps = engine.ckpt.config.sampler.steps
+        self.image_answer = engine.ckpt.config.image_answer
         self.vae = engine.ckpt.vae
         warm_up(engine)
         self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on

@@ -1,7 +1,8 @@
 // The conversation panel (loaded after app.js, whose helpers it uses): messages with pictures attached, the
 // whole conversation sent with each turn to /v1/chat (OpenAI's message shape, images as image_url data URIs),
 // answers as text, as an image (modalities: ["image"]) or as an edit of the attached picture
-// (/v1/images/edits). The API is stateless: the page keeps the history, the model's images included.
+// (/v1/images/edits); a checkpoint that says what it draws first sends that text before its image, and the page
+// shows it. The API is stateless: the page keeps the history, the model's words and images included.
 "use strict";
 
 const history = []; // OpenAI messages so far; an assistant's images ride in `images`, as the API returns them
@@ -66,11 +67,12 @@ function chatMessage(role, content, images = []) {
   return shown;
 }
 
-/** An OpenAI user message: plain text, or parts when pictures go with it. */
+/** An OpenAI user message: plain text, or parts when pictures go with it: the pictures, then the text, as
+ * /v1/images/edits and the demo's training put them. */
 function userMessage(content, pictures) {
   if (!pictures.length) return { role: "user", content };
-  return { role: "user", content: [{ type: "text", text: content },
-    ...pictures.map((url) => ({ type: "image_url", image_url: { url } }))] };
+  return { role: "user", content: [...pictures.map((url) => ({ type: "image_url", image_url: { url } })),
+    { type: "text", text: content }] };
 }
 
 const dataURL = (b64) => `data:image/png;base64,${b64}`;
@@ -94,14 +96,19 @@ async function answerImage(messages, answer, say) {
   const seed = numberField("chat-seed");
   if (seed !== undefined) body.seed = seed;
   let images = [];
+  let text = ""; // what a checkpoint that says what it draws writes first
   for await (const ev of sse(await api("POST", "/v1/chat", body))) {
     if (ev.progress) say(`Drawing: step ${ev.progress.step} of ${ev.progress.steps}`);
     const delta = ev.choices && ev.choices[0] && ev.choices[0].delta;
+    if (delta && delta.content) {
+      text += delta.content;
+      answer.text.textContent = text;
+    }
     if (delta && delta.images) images = delta.images;
   }
   answer.show(images.map((im) => im.image_url.url));
   say("Done.");
-  return { role: "assistant", content: "", images };
+  return { role: "assistant", content: text, images };
 }
 
 async function answerEdit(content, pictures, answer, say) {
@@ -114,9 +121,12 @@ async function answerEdit(content, pictures, answer, say) {
   say("Editing the picture…");
   const result = await (await api("POST", "/v1/images/edits", form)).json();
   const images = result.data.map((d) => ({ type: "image_url", image_url: { url: dataURL(d.b64_json) } }));
+  // revised_prompt: the prompt itself, or what a checkpoint that says what it draws wrote before its image
+  const said = result.data[0].revised_prompt === content ? "" : result.data[0].revised_prompt || "";
+  answer.text.textContent = said;
   answer.show(images.map((im) => im.image_url.url));
   say("Done.");
-  return { role: "assistant", content: "", images };
+  return { role: "assistant", content: said, images };
 }
 
 $("chat-form").addEventListener("submit", (event) => {
