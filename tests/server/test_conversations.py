@@ -17,6 +17,7 @@ from xfusion_serve.demo.shapes import sample as shape_sample
 from xfusion_serve.model import prompts
 from xfusion_serve.model.reference import reference_forward
 from xfusion_serve.model.sequence import image_tokens, sequence_length
+from xfusion_serve.server.conversation import RETOKENIZE_SLACK
 from xfusion_serve.server.schemas import image_to_base64
 from xfusion_serve.server.state import ServerConfig
 
@@ -244,12 +245,13 @@ def test_the_text_before_an_image_leaves_the_image_room_in_the_context(live):
         body = {"messages": messages, "modalities": ["text", "image"], "max_tokens": 100, "ignore_eos": True,
                 "steps": 1}
         try:
-            engine.scheduler.max_model_len = prompt + 6 + image_len  # room for 6 tokens of text, then the image
+            # room for 6 tokens of text (and the slack for tokenizing them again), then the image
+            engine.scheduler.max_model_len = prompt + 6 + RETOKENIZE_SLACK + image_len
             r = h.post("/v1/chat", json=body)
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
             assert len(images_of(r.json()["choices"][0]["message"])) == 1
-            engine.scheduler.max_model_len = prompt + image_len  # no room for text
+            engine.scheduler.max_model_len = prompt + RETOKENIZE_SLACK + image_len  # no room for text
             r = h.post("/v1/chat", json=body)
             assert r.status_code == 400 and "no room" in r.text
         finally:

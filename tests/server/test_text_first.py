@@ -31,8 +31,8 @@ def live(random_checkpoint_dir):
     thread.join(10)
 
 
-def post(h, path: str, **kw) -> dict:
-    r = h.post(path, **kw)
+def post(h, path: str, method: str = "POST", **kw) -> dict:
+    r = h.request(method, path, **kw)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -59,14 +59,20 @@ def test_every_generation_route_draws_after_the_assistants_text(live, prompt):
                                                   "guidance_scale": 2.0})["data"][0]
     native = post(h, "/v1/generate-image", json={"prompt": prompt, **IMAGE})["data"][0]
     only = post(h, "/v1/chat", json={"messages": user, "modalities": ["image"], **IMAGE})
+    # OpenAI's chat samples at temperature 1 by default: text the client did not ask for is greedy all the same
+    oai_chat = post(h, "/v1/chat/completions", json={"messages": user, "modalities": ["image"], **IMAGE})
     assert said.strip()  # the text is there, so the images below depend on it
     assert oai["revised_prompt"] == native["revised_prompt"] == only["choices"][0]["message"]["content"] == said
-    assert oai["b64_json"] == native["b64_json"] == chat_image(only) == image
-    # Streamed, the same image.
-    body = {"prompt": prompt, "stream": True, **IMAGE}
-    events = [json.loads(line[6:]) for line in h.post("/v1/generate-image", json=body).text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    assert events[-1]["type"] == "completed" and events[-1]["data"][0]["b64_json"] == image
+    assert oai_chat["choices"][0]["message"]["content"] == said
+    assert oai["b64_json"] == native["b64_json"] == chat_image(only) == chat_image(oai_chat) == image
+    # Streamed, the same image and text.
+    for path, body in (("/v1/generate-image", {"prompt": prompt, "stream": True, **IMAGE}),
+                       ("/v1/images/generations", {"prompt": prompt, "stream": True, "num_inference_steps": 2,
+                                                   "seed": 6, "guidance_scale": 2.0})):
+        events = [json.loads(line[6:]) for line in h.post(path, json=body).text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        done = events[-1]["data"][0] if path == "/v1/generate-image" else events[-1]
+        assert done["b64_json"] == image and done["revised_prompt"] == said, path
     # A checkpoint that draws straight after the prompt: the prompt is the revised_prompt, another image.
     server.image_answer = ImageAnswer()
     direct = post(h, "/v1/generate-image", json={"prompt": prompt, **IMAGE})["data"][0]
@@ -93,13 +99,19 @@ def test_an_edit_draws_after_the_assistants_text_about_the_picture(live):
     assert direct["b64_json"] != edited["b64_json"]
 
 
-def test_the_text_before_an_image_is_capped_unless_the_client_asked_for_text(live):
-    h, _ = live
+def test_the_text_before_an_image_is_the_checkpoints_unless_the_client_asked_for_text(live):
+    """Asked for (["text", "image"]), the text takes the request's sampling and max_tokens; not asked for, it
+    is greedy and at most image_answer.max_text_tokens, whatever the request's sampling says."""
+    h, server = live
     user = [{"role": "user", "content": "green"}]
     body = {"messages": user, "max_tokens": 9, "ignore_eos": True, **IMAGE}
-    only = post(h, "/v1/chat", json=body | {"modalities": ["image"]})
+    only = post(h, "/v1/chat", json=body | {"modalities": ["image"], "temperature": 1.5})
     asked = post(h, "/v1/chat", json=body | {"modalities": ["text", "image"]})
     assert only["usage"]["completion_tokens"] == MAX_TEXT and asked["usage"]["completion_tokens"] == 9
+    assert only["choices"][0]["message"]["content"] == asked["choices"][0]["message"]["content"][:len(
+        only["choices"][0]["message"]["content"])]  # greedy: the asked-for text's start
+    card = post(h, "/v1/models", method="GET")["data"][0]
+    assert card["image_answer"] == {"text_first": True, "max_text_tokens": MAX_TEXT}
     # No assistant turn opened: an image straight after the conversation as it stands, no text.
     raw = post(h, "/v1/chat", json={"messages": user, "modalities": ["image"], "add_generation_prompt": False,
                                     **IMAGE})
@@ -114,8 +126,13 @@ def test_an_image_route_without_room_for_the_text_and_the_image_is_a_400(live):
     context = engine.scheduler.max_model_len
     try:
         engine.scheduler.max_model_len = image_len + 3  # shorter than the user's turn and the image
+        prompt = "a large blue square at top left"
         for path in ("/v1/images/generations", "/v1/generate-image"):
-            r = h.post(path, json={"prompt": "a large blue square at top left"})
+            r = h.post(path, json={"prompt": prompt})
             assert r.status_code == 400 and "no room" in r.text, r.text
+        r = h.post("/v1/images/edits", files=[("image", ("a.png", png(5), "image/png"))], data={"prompt": prompt})
+        assert r.status_code == 400 and "no room" in r.text, r.text
+        r = h.post("/v1/chat", json={"messages": [{"role": "user", "content": prompt}], "modalities": ["image"]})
+        assert r.status_code == 400 and "no room" in r.text, r.text
     finally:
         engine.scheduler.max_model_len = context

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import replace
 from functools import partial
 
 from fastapi import Request
@@ -24,7 +23,7 @@ from .conversation import ImageOptions, add_conversation, read_conversation
 from .logprobs import TokenTexts
 from .schemas import image_to_base64
 from .serving import APIError, done_error, final, sampling_params, server_of, sse_response, start, text_response
-from .text_then_image import TextThenImage
+from .text_then_image import TextThenImage, unasked_text_params
 
 
 def chat_shape(tokenizer, model_name: str):
@@ -78,9 +77,9 @@ async def chat_response(request: Request, body, *, logprobs: int | None = None, 
 
 async def _image_response(request: Request, body, conv, template: dict, include_usage: bool):
     """Images, or text and then images (server/text_then_image.py): with modalities ["text", "image"], or with
-    ["image"] on a checkpoint that says what it draws first (its text, capped at image_answer.max_text_tokens,
-    is the message's content). The text is choice 0, decoded with the request's sampling; the n images are
-    drawn after it."""
+    ["image"] on a checkpoint that says what it draws first (its text, greedy and at most
+    image_answer.max_text_tokens as on the image routes, is the message's content). Asked for, the text is
+    decoded with the request's sampling; the n images are drawn after it."""
     server = server_of(request)
     if body.seed is not None and body.seed >= 2**31:
         raise APIError(400, "seed must be below 2**31 for image output", param="seed")
@@ -89,11 +88,9 @@ async def _image_response(request: Request, body, conv, template: dict, include_
     answer = TextThenImage(request, conv, options, **template)
     opens_turn = template["add_generation_prompt"] or template["continue_final_message"]
     text_first = body.text_before_image or (server.image_answer.text_first and opens_turn)
-    if text_first:
-        params = sampling_params(body)
-        if not body.text_before_image:  # text the checkpoint says before its image, not text the client asked for
-            params = replace(params, max_tokens=min(params.max_tokens, server.image_answer.max_text_tokens))
-        first = await answer.say(params)
+    if text_first:  # text the client asked for takes its sampling; text it did not ask for is the image routes'
+        first = await answer.say(sampling_params(body) if body.text_before_image
+                                 else unasked_text_params(server.image_answer))
     else:
         first = await start(request, partial(add_conversation, conv=conv, image=options, **template))
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": server.model_name}

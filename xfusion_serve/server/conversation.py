@@ -148,12 +148,18 @@ def add_conversation(engine: Engine, conv: Conversation, *, params: SamplingPara
     return engine.add_text(segments, params)
 
 
+# The image is drawn after the text as written, tokenized again: a few tokens more than were decoded when the
+# text ends inside a character (its bytes come back as U+FFFD).
+RETOKENIZE_SLACK = 4
+
+
 def _room_for_text(engine: Engine, segments: list, image: ImageOptions) -> int:
-    """Tokens of text that fit between `segments` and an image of image.size (<boi>, its tokens, <eoi>)."""
+    """Tokens of text that fit between `segments` and an image of image.size (<boi>, its tokens, <eoi>), with
+    RETOKENIZE_SLACK to spare."""
     cfg = engine.ckpt.config
     height, width = image.size or cfg.image_sizes[0]
     image_len = image_tokens(engine.ckpt.model.vae_info.latent_shape(height, width), cfg.patch_size) + 2
-    room = engine.scheduler.max_model_len - sequence_length(segments, cfg.patch_size) - image_len
+    room = engine.scheduler.max_model_len - sequence_length(segments, cfg.patch_size) - image_len - RETOKENIZE_SLACK
     if room < 1:
         raise ValueError(f"the conversation leaves no room for text before a {width}x{height} image in the "
                          f"model's context ({engine.scheduler.max_model_len} tokens)")

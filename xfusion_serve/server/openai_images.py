@@ -93,6 +93,6 @@ async def _images_response(request: Request, body: OAIImageRequest, pictures, ev
                 result = await asyncio.to_thread(image_result, ev, created, revised)
                 for item in result["data"]:
                     yield {"type": f"{event}.completed", "b64_json": item["b64_json"],
-                           "created_at": created, "usage": result["usage"]}
+                           "revised_prompt": item["revised_prompt"], "created_at": created, "usage": result["usage"]}
 
     return sse_response(stream())

@@ -76,4 +76,7 @@ async def model(model: str, request: Request):
 
 
 def _model_card(server) -> dict:
-    return {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "xfusion-serve"}
+    """OpenAI's model object, and how the checkpoint answers with an image (image_answer: whether it says what
+    it draws first, so that a client knows an image route's revised_prompt is the model's own words)."""
+    return {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "xfusion-serve",
+            "image_answer": server.image_answer.model_dump()}

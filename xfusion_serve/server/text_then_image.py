@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..engine.request import Event
 from ..engine.text_sampling import SamplingParams
+from ..model.config import ImageAnswer
 from .conversation import Conversation, ImageOptions, add_conversation
 from .serving import final, server_of, start
 
@@ -52,6 +53,13 @@ class TextThenImage:
         return said, await self.draw(said.text)
 
 
+def unasked_text_params(answer: ImageAnswer) -> SamplingParams:
+    """The sampling of the text a text_first checkpoint says before its image when the client asked for an image
+    only: greedy, at most answer.max_text_tokens, so that every route draws the same image for a prompt and
+    seed."""
+    return SamplingParams(max_tokens=answer.max_text_tokens)
+
+
 async def start_image_route(request: Request, prompt: str, image: ImageOptions,
                             pictures: list[Image.Image] | None = None) -> tuple[str, AsyncIterator[Event]]:
     """An image route's request (/v1/images/generations, /v1/images/edits with `pictures`, /v1/generate-image)
@@ -63,8 +71,7 @@ async def start_image_route(request: Request, prompt: str, image: ImageOptions,
     answer = server_of(request).image_answer
     conv = Conversation.of_user(prompt, pictures)
     if answer.text_first:
-        said, events = await TextThenImage(request, conv, image).said_then_drawn(
-            SamplingParams(max_tokens=answer.max_text_tokens))
+        said, events = await TextThenImage(request, conv, image).said_then_drawn(unasked_text_params(answer))
         return said.text, events
     add = partial(add_conversation, conv=conv, image=image) if pictures else partial(image.add, prompt=prompt)
     return prompt, await start(request, add)

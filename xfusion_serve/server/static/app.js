@@ -103,6 +103,9 @@ async function runIn(panelId, task) {
 
 const finished = (reason) => (reason === "length" ? "Done (stopped at the token limit)." : "Done.");
 
+// How the served checkpoint answers with an image: text_first, it says what it draws before drawing it.
+let imageAnswer = { text_first: false };
+
 /** The served model's name, or why it could not be had (a missing key is the common case). */
 async function checkServer() {
   const info = $("model-info");
@@ -110,6 +113,7 @@ async function checkServer() {
   try {
     const models = await (await api("GET", "/v1/models")).json();
     info.textContent = `Model: ${models.data.map((m) => m.id).join(", ")}`;
+    imageAnswer = models.data[0].image_answer || imageAnswer;
     alert.hidden = true;
   } catch (err) {
     info.textContent = err.status === 401 ? "This server needs an API key: enter it above." : "Not connected.";

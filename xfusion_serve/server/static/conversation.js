@@ -121,8 +121,8 @@ async function answerEdit(content, pictures, answer, say) {
   say("Editing the picture…");
   const result = await (await api("POST", "/v1/images/edits", form)).json();
   const images = result.data.map((d) => ({ type: "image_url", image_url: { url: dataURL(d.b64_json) } }));
-  // revised_prompt: the prompt itself, or what a checkpoint that says what it draws wrote before its image
-  const said = result.data[0].revised_prompt === content ? "" : result.data[0].revised_prompt || "";
+  // revised_prompt: what a checkpoint that says what it draws wrote before its image (elsewhere the prompt)
+  const said = imageAnswer.text_first ? result.data[0].revised_prompt : "";
   answer.text.textContent = said;
   answer.show(images.map((im) => im.image_url.url));
   say("Done.");
