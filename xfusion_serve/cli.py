@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --base-url: also this many conversation tasks of each kind (drawing from full and "
                         "partial prompts, questions, caption requests, edits, two-picture questions; demo/tasks.py)")
     p.add_argument("--draw-directly", action="store_true",
-                   help="ask for drawings and edits with modalities [\"image\"] (a checkpoint trained to draw straight "
-                        "after the user's words, as the first demo) instead of [\"text\", \"image\"] (the recipe's)")
+                   help="ask for drawings and edits with modalities [\"image\"] instead of [\"text\", \"image\"]: "
+                        "straight after the user's words on a checkpoint trained so (the first demo); one that says "
+                        "what it draws first (image_answer.text_first) still says it")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
