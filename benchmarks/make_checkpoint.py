@@ -96,7 +96,7 @@ def make_tokenizer(out: Path, vocab: int, cache: Path):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(corpus(), trainer)
+        tok.train_from_iterator(corpus(min(48 << 20, vocab << 11)), trainer)  # ~2 KB of text per token
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[1], eos_token=SPECIALS[2],
                                        pad_token=SPECIALS[3], unk_token=None,
                                        additional_special_tokens=[SPECIALS[0]])
@@ -165,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", default="256x256", help="WIDTHxHEIGHT")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-cache", type=Path, default=None,
+                   help="where trained tokenizers are kept, one per vocabulary size (default: "
+                        "~/.cache/xfusion-serve/tokenizers)")
     args = p.parse_args(argv)
     w, h = map(int, args.image_size.lower().split("x"))
-    print(build(args.preset, args.vae, (h, w), args.out, seed=args.seed))
+    print(build(args.preset, args.vae, (h, w), args.out, cache=args.tokenizer_cache, seed=args.seed))
     return 0
 
 
