@@ -204,6 +204,11 @@ def test_metrics_parse_and_move(client):
     assert moved("xfusion_inter_token_latency_seconds_count", task="text") == 2
     assert moved("xfusion_image_generation_seconds_count") == 1
     assert ("xfusion_kv_cache_usage_perc", (("tower", "text"),)) in after
+    engine = client.app.state.server.engine.engine
+    for tower, pool in engine.runner.pools.items():
+        assert after[("xfusion_kv_cache_capacity_bytes", (("tower", tower),))] == pool.kv.numel() * 4  # float32
+    params = list(engine.ckpt.model.parameters()) + list(engine.ckpt.vae.parameters())
+    assert after[("xfusion_model_weight_bytes", ())] == 4 * sum(p.numel() for p in params)
     assert after[("xfusion_num_requests_running", (("task", "image"),))] == 0
     assert after[("process_resident_memory_bytes", ())] > 10 << 20  # the load generator reads memory here
 

@@ -32,6 +32,10 @@ class Metrics:
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting to be admitted", ["task"], registry=r)
         self.cache_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use", ["tower"],
                                  registry=r)
+        # What memory the server holds by design, beside process_resident_memory_bytes
+        self.cache_bytes = Gauge(p + "kv_cache_capacity_bytes", "Bytes of the KV-cache pool", ["tower"], registry=r)
+        self.weight_bytes = Gauge(p + "model_weight_bytes", "Bytes of the model's parameters (VAE included)",
+                                  registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prefilled prompt tokens", ["task"], registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", ["task"], registry=r)
         self.images = Counter(p + "images", "Images generated", registry=r)
@@ -51,6 +55,7 @@ class Metrics:
                                        buckets=_LATENCY, registry=r)
         self._last_token: dict[str, float] = {}
         self._seen_preemptions = 0
+        self._weights_counted = False
 
     def observe(self, engine: Engine, events: list[Event], requests: dict[str, object]) -> None:
         """`requests`: every request named by an event, as it was before the step (done ones are gone)."""
@@ -88,6 +93,11 @@ class Metrics:
             self.waiting.labels(task).set(sum(task_of(r) == task for r in s.waiting))
         for tower, pool in engine.runner.pools.items():
             self.cache_usage.labels(tower).set(pool.blocks.usage())
+            self.cache_bytes.labels(tower).set(pool.nbytes)
+        if not self._weights_counted:  # once: the weights do not change
+            modules = [engine.ckpt.model] + ([engine.ckpt.vae] if engine.ckpt.vae is not None else [])
+            self.weight_bytes.set(sum(p.numel() * p.element_size() for m in modules for p in m.parameters()))
+            self._weights_counted = True
         self.preemptions.inc(s.preemptions - self._seen_preemptions)
         self._seen_preemptions = s.preemptions
 
