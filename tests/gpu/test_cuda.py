@@ -49,11 +49,15 @@ def test_the_triton_kernels_match_their_references(dtype, atol):
     torch.testing.assert_close(got.float(), paged_decode_attention_reference(*paged).float(), atol=atol, rtol=atol)
 
 
-def test_the_compiled_decode_step_gives_the_eager_tokens(random_checkpoint_dir):
-    """On CUDA the compiled step is replayed as CUDA graphs (batches padded to 1, 2, 4, ...)."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_compiled_decode_step_gives_the_eager_tokens(random_checkpoint_dir, backend):
+    """On CUDA the compiled step is replayed as CUDA graphs (batches padded to 1, 2, 4, ..., tables to the
+    whole context), with each attention backend the GPU image may use."""
+    if backend == "triton" and not DEVICE.startswith("cuda"):
+        pytest.skip("the Triton kernels inside a compiled step need a GPU (on the CPU they are interpreted)")
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     eager = run_text(engine(random_checkpoint_dir), PROMPTS, params)
-    compiled = engine(random_checkpoint_dir, compile_decode=True)
+    compiled = engine(random_checkpoint_dir, compile_decode=True, attention_backend=backend)
     compiled.capture_graphs()  # the server does this on its engine thread before it is ready
     assert run_text(compiled, PROMPTS[:3], params) == eager[:3]
     assert run_text(compiled, PROMPTS, params) == eager

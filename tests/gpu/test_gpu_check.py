@@ -23,8 +23,10 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path):
     assert {name: step["exit"] for name, step in summary.items() if isinstance(step, dict)} == \
         {"checkpoint": "0", "tests": "0", "bench": "0"}
     suite = ET.parse(tmp_path / "tests.xml").getroot().find("testsuite")
-    # every CUDA-marked test ran on the CPU: none skipped, none failed
-    assert int(suite.get("tests")) >= 5 and suite.get("skipped") == suite.get("failures") == suite.get("errors") == "0"
+    # every CUDA-marked test ran on the CPU but the Triton kernels inside a compiled step; none failed
+    skipped = [case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None]
+    assert int(suite.get("tests")) >= 6 and skipped == ["test_the_compiled_decode_step_gives_the_eager_tokens[triton]"]
+    assert suite.get("failures") == suite.get("errors") == "0"
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["dtype"] == "bfloat16" and [row["requests"] for row in bench["chat"]] == [1, 4]
     assert all(row["decode_tok_s"] > 0 and row["greedy_same_as_transformers"] >= 0 for row in bench["chat"])
