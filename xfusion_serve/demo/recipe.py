@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-steps", type=int, default=4000)
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae", type=Path, default=None, help="reuse this trained VAE directory instead of training one")
-    p.add_argument("--train-steps", type=int, default=9000)
+    p.add_argument("--train-steps", type=int, default=12000)
     p.add_argument("--lambda-ar", type=float, default=LAMBDA_AR)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=LR)
