@@ -64,8 +64,8 @@ class ImageAnswer(_Strict):
 
     `text_first`: the assistant's turn first says what it draws (the frozen text tower writes it: the demo's
     caption), then draws after that text (demo/recipe.py CAPTION_FIRST). Every image route then decodes that
-    text first (greedy unless the request samples it; at most `max_text_tokens` tokens unless the request asked
-    for text) and draws after it. False: images are drawn straight after the prompt (the paper's generation
+    text first and draws after it: greedy and at most `max_text_tokens` tokens, unless the request asked for
+    the text (chat's modalities ["text", "image"]: its own sampling and max_tokens). False: images are drawn straight after the prompt (the paper's generation
     sequence, arXiv 2504.20996 section 3).
     """
 

@@ -83,8 +83,7 @@ async def _image_response(request: Request, body, conv, template: dict, include_
     server = server_of(request)
     if body.seed is not None and body.seed >= 2**31:
         raise APIError(400, "seed must be below 2**31 for image output", param="seed")
-    options = ImageOptions(n=body.n, size=server.check_size(body.size), steps=body.denoising_steps,
-                           guidance_scale=body.guidance_scale, seed=body.seed, negative_prompt=body.negative_prompt)
+    options = ImageOptions.of(body, server.check_size(body.size))
     answer = TextThenImage(request, conv, options, **template)
     opens_turn = template["add_generation_prompt"] or template["continue_final_message"]
     text_first = body.text_before_image or (server.image_answer.text_first and opens_turn)

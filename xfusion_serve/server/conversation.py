@@ -13,7 +13,7 @@ from ..engine.engine import Engine
 from ..engine.text_sampling import SamplingParams
 from ..model import prompts
 from ..model.sequence import image_tokens, sequence_length
-from .schemas import MAX_IMAGE_BYTES, ContentPart, Message, decode_image, image_from_base64
+from .schemas import MAX_IMAGE_BYTES, ContentPart, GenerationFields, Message, decode_image, image_from_base64
 from .serving import APIError
 
 
@@ -121,6 +121,12 @@ class ImageOptions:
     seed: int | None = None
     negative_prompt: str = ""
     preview_every: int = 0
+
+    @classmethod
+    def of(cls, body: GenerationFields, size: tuple[int, int] | None, preview_every: int = 0) -> "ImageOptions":
+        """A drawing request's options (its GenerationFields, n and seed), its size checked by the caller."""
+        return cls(n=body.n, size=size, steps=body.denoising_steps, guidance_scale=body.guidance_scale,
+                   seed=body.seed, negative_prompt=body.negative_prompt, preview_every=preview_every)
 
     def add(self, engine: Engine, prompt: str | list) -> str:
         """engine.add_image of `prompt` (a bare generation prompt or segments) with these options -> the id."""

@@ -74,9 +74,8 @@ async def _images_response(request: Request, body: OAIImageRequest, pictures, ev
         steps = body.denoising_steps or server.default_steps
         preview_every = max(1, steps // (body.partial_images + 1))
 
-    options = ImageOptions(n=body.n, size=size, steps=body.denoising_steps, guidance_scale=body.guidance_scale,
-                           seed=body.seed, negative_prompt=body.negative_prompt, preview_every=preview_every)
-    revised, events = await start_image_route(request, body.prompt, options, pictures)
+    revised, events = await start_image_route(request, body.prompt, ImageOptions.of(body, size, preview_every),
+                                              pictures)
     created = int(time.time())
     if not body.stream:
         return await asyncio.to_thread(image_result, await final(request, events), created, revised)

@@ -86,9 +86,7 @@ async def generate_image(body: ImageRequest, request: Request):
     server = server_of(request)
     size = server.check_size(body.size)
 
-    options = ImageOptions(n=body.n, size=size, steps=body.denoising_steps, guidance_scale=body.guidance_scale,
-                           seed=body.seed, negative_prompt=body.negative_prompt, preview_every=body.preview_every)
-    revised, events = await start_image_route(request, body.prompt, options)
+    revised, events = await start_image_route(request, body.prompt, ImageOptions.of(body, size, body.preview_every))
     created = int(time.time())
     if not body.stream:
         return await asyncio.to_thread(image_result, await final(request, events), created, revised)
