@@ -69,6 +69,13 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    # Feature alignment (X-Fusion section 7, finding iii; REPA), off unless align_encoder names a local
+    # transformers vision model directory (CLIP, SigLIP or DINOv2): the vision tower's hidden states of an
+    # image's tokens after block `align_layer` (counted from 1: 1 = the first block's output) are projected
+    # by a small MLP and pulled towards the frozen encoder's patch features; loss += align_weight * that.
+    align_encoder: str | None = None
+    align_layer: int = 2
+    align_weight: float = 0.5
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -79,6 +86,13 @@ class TrainConfig:
             raise ValueError("generation_ratio and caption_dropout must lie in [0, 1]")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.align_encoder is not None and not Path(self.align_encoder).is_dir():
+            raise FileNotFoundError(f"align_encoder: no model directory at {self.align_encoder}")
+        if isinstance(self.align_layer, bool) or not isinstance(self.align_layer, int) or self.align_layer < 1:
+            raise ValueError(f"align_layer counts vision blocks from 1 (1 = the first block's output), "
+                             f"not {self.align_layer!r}")
+        if not math.isfinite(self.align_weight) or self.align_weight < 0:
+            raise ValueError(f"align_weight must be a finite number >= 0, not {self.align_weight!r}")
 
 
 class TrainStep(nn.Module):
