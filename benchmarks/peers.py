@@ -89,12 +89,23 @@ class Server:
                 raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {log_dir / self.name}.log")
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    self.threads = self.reported_threads() or self.threads
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
         self.stop()
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {log_dir / self.name}.log")
+
+    def reported_threads(self) -> str | None:
+        """What the server says it computes with (xfusion-serve's xfusion_compute_threads gauge), if it says."""
+        try:
+            for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
+                if line.startswith("xfusion_compute_threads "):
+                    return f"torch {int(float(line.split()[1]))}"
+        except httpx.HTTPError:
+            pass
+        return None
 
     def rss(self) -> int:
         return process_tree_rss(self.proc.pid) if self.proc else 0
@@ -113,8 +124,7 @@ class Server:
 def xfusion(checkpoint: Path, port: int, dtype: str = "float32", extra: list[str] = ()) -> Server:
     argv = [sys.executable, "-m", "xfusion_serve.cli", "serve", "--checkpoint", checkpoint, "--port", port,
             "--dtype", dtype, *extra]
-    return Server("xfusion-serve", argv, port, dtype, f"torch {os.environ.get('OMP_NUM_THREADS', THREADS)}",
-                  ready_path="/ready")
+    return Server("xfusion-serve", argv, port, dtype, "torch (its default)", ready_path="/ready")
 
 
 # ---- vLLM ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def _init(args: argparse.Namespace) -> None:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, so every knob of the recipe is on the command line."""
     import dataclasses
+    import types
     import typing
 
     from .training.trainer import TrainConfig
@@ -40,6 +41,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))  # X | None: an X, or unset
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         kw: dict = {"default": default, "required": required, "help": f"default: {default}" if not required else None}
@@ -69,7 +72,23 @@ def _train(args: argparse.Namespace) -> None:
 
         out = train(cfg, samples=task_samples(cfg))
     else:
-        out = train(cfg, open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed))
+        from .training.sources import source_for  # Parquet, WebDataset, a latent cache, or --stream: streamed
+
+        source = None if cfg.dataset == "shapes" else source_for(cfg)
+        out = train(cfg, samples=source) if source else train(cfg, open_dataset(cfg.dataset, cfg.shapes_size,
+                                                                                  cfg.data_seed))
+    print(f"wrote {out}")
+
+
+def _encode_latents(args: argparse.Namespace) -> None:
+    import torch
+
+    from .training.latent_cache import encode_latents
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = encode_latents(args.checkpoint, args.dataset, args.out, image_size=args.image_size,
+                         shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                         num_workers=args.num_workers, device=device, show_progress=args.progress)
     print(f"wrote {out}")
 
 
@@ -128,7 +147,8 @@ def _serve(args: argparse.Namespace) -> None:
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
-                       access_log=args.access_log is not False, allowed_image_domains=args.allowed_image_domains or []))
+                       access_log=args.access_log is not False, allowed_image_domains=args.allowed_image_domains or [],
+                       compute_threads=args.threads))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train the vision tower of a checkpoint (the paper's recipe)")
     _add_train_options(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("encode-latents", help="encode a dataset's images once into a latent cache for train",
+                       description="Writes DIR/manifest.json and DIR/shard-NNNNN.safetensors (latents, captions); "
+                                   "a rerun finishes what a former run left. Train on it with --dataset DIR.")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint whose VAE encodes")
+    p.add_argument("--dataset", required=True, help="a captions.jsonl or imagefolder folder, Parquet or WebDataset")
+    p.add_argument("--out", required=True, help="the cache directory")
+    p.add_argument("--image-size", type=_size, default=None,
+                   help="WIDTHxHEIGHT or one number (default: the checkpoint's first trained size)")
+    p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored latents' dtype")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (0: in process)")
+    p.add_argument("--device", default="auto", help="where the VAE runs (auto: cuda if there is one)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=_encode_latents)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (default: the embedded shapes demo)",
                        description="Every option also reads XFUSION_<OPTION> from the environment, e.g. "
@@ -183,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=_env("CPU_KERNELS", None, _flag),
                    help="the project's float32 CPU matrix multiply for decode steps, built at start-up (default: on "
                         "the CPU in float32 for text towers of 50M parameters or more)")
+    p.add_argument("--threads", type=int, default=_env("THREADS", None, int),
+                   help="torch's compute threads on the CPU (default: every usable core but one, which serves the "
+                        "API; OMP_NUM_THREADS, when set, is kept)")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

@@ -26,6 +26,7 @@ from .config import (
     parse_dtype,
     resolve_component,
 )
+from .llama import TextTower
 from .xfusion import XFusionModel
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,15 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32", devi
         text_tower_dir=text_dir,
         vae_dir=vae_dir,
     )
+
+
+def text_tower_parameters(path: str | Path) -> int:
+    """Parameters of a checkpoint's text tower (a tied head counted once), from its config alone: nothing is
+    read but JSON. Raises CheckpointError as load_checkpoint does for a missing part."""
+    path = Path(path)
+    text_cfg = load_text_config(resolve_component(path, XFusionConfig.load(path).text_tower, "text tower"))
+    with torch.device("meta"):
+        return sum(p.numel() for p in TextTower(text_cfg).parameters())
 
 
 def check_image_sizes(cfg: XFusionConfig, vae: VAEInfo, where: Path) -> None:

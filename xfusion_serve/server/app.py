@@ -16,12 +16,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Engine
+from ..model.checkpoint import EMBEDDED_CHECKPOINT, text_tower_parameters
 from .guard import Guard
 from .openai_images import router as openai_images_router
 from .openai_routes import router as openai_router
 from .routes import router
 from .serving import APIError, error_response
-from .state import ServerConfig, ServerState
+from .state import ServerConfig, ServerState, compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,15 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 
 
 def serve(config: ServerConfig) -> None:
+    """Serves until SIGTERM (drained) or SIGINT. Process-wide settings are made here, not in create_app: the
+    compute threads (state.compute_threads)."""
+    import torch
     import uvicorn
 
+    threads = compute_threads(config, text_tower_parameters(config.checkpoint or EMBEDDED_CHECKPOINT))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("compute threads: %d", torch.get_num_threads())
     app = create_app(config)
 
     class DrainingServer(uvicorn.Server):

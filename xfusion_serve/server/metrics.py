@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from ..engine.engine import Engine
@@ -36,6 +37,8 @@ class Metrics:
         self.cache_bytes = Gauge(p + "kv_cache_capacity_bytes", "Bytes of the KV-cache pool", ["tower"], registry=r)
         self.weight_bytes = Gauge(p + "model_weight_bytes", "Bytes of the model's parameters (VAE included)",
                                   registry=r)
+        self.compute_threads = Gauge(p + "compute_threads", "torch's intra-op threads (torch.get_num_threads)",
+                                     registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prefilled prompt tokens", ["task"], registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", ["task"], registry=r)
         self.images = Counter(p + "images", "Images generated", registry=r)
@@ -97,6 +100,7 @@ class Metrics:
         if not self._weights_counted:  # once: the weights do not change
             modules = [engine.ckpt.model] + ([engine.ckpt.vae] if engine.ckpt.vae is not None else [])
             self.weight_bytes.set(sum(p.numel() * p.element_size() for m in modules for p in m.parameters()))
+            self.compute_threads.set(torch.get_num_threads())
             self._weights_counted = True
         self.preemptions.inc(s.preemptions - self._seen_preemptions)
         self._seen_preemptions = s.preemptions

@@ -1,0 +1,78 @@
+"""How many threads torch computes with in a serving process: the policy (state.compute_threads), the option
+that reaches it from the command line and the environment, and what a served process reports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import free_port
+
+from xfusion_serve import EMBEDDED_CHECKPOINT, EngineConfig
+from xfusion_serve.engine.config import COMPILE_DECODE_ON_CPU_FROM
+from xfusion_serve.model.checkpoint import text_tower_parameters
+from xfusion_serve.server.state import ServerConfig, compute_threads
+
+
+SMALL, LARGE = COMPILE_DECODE_ON_CPU_FROM - 1, COMPILE_DECODE_ON_CPU_FROM
+
+
+@pytest.mark.parametrize("cores, expected", [({0}, 1), ({0, 1}, 1), ({0, 1, 2, 3}, 3), (set(range(16)), 15)])
+def test_a_small_model_keeps_one_usable_core_for_the_api(monkeypatch, cores, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert compute_threads(ServerConfig(), SMALL, environ={}) == expected
+
+
+def test_a_large_model_computes_on_every_core(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert compute_threads(ServerConfig(), LARGE, environ={}) is None
+
+
+def test_an_explicit_count_or_the_operators_omp_num_threads_wins_and_a_gpu_keeps_torchs_choice(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert compute_threads(ServerConfig(compute_threads=4), SMALL, environ={"OMP_NUM_THREADS": "2"}) == 4
+    assert compute_threads(ServerConfig(compute_threads=1), LARGE, environ={}) == 1
+    assert compute_threads(ServerConfig(), SMALL, environ={"OMP_NUM_THREADS": "2"}) is None
+    assert compute_threads(ServerConfig(engine=EngineConfig(device="cuda")), SMALL, environ={}) is None
+    assert compute_threads(ServerConfig(engine=EngineConfig(device="cpu")), SMALL, environ={"OMP_NUM_THREADS": ""}) == 3
+
+
+def test_the_text_towers_size_is_read_from_its_config_alone(random_checkpoint_dir):
+    from xfusion_serve import load_checkpoint
+
+    expected = sum(p.numel() for p in load_checkpoint(random_checkpoint_dir).model.text.parameters())
+    assert text_tower_parameters(random_checkpoint_dir) == expected
+    assert text_tower_parameters(EMBEDDED_CHECKPOINT) < COMPILE_DECODE_ON_CPU_FROM  # the demo is a small model
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_a_count_below_one_is_refused(bad):
+    with pytest.raises(ValueError, match="compute_threads"):
+        ServerConfig(compute_threads=bad)
+
+
+def test_a_served_process_computes_with_the_count_it_was_given_and_says_so(random_checkpoint_dir):
+    """`serve --threads N` sets torch's threads in the serving process (where the engine computes), and
+    /metrics reports it. N is neither torch's own default (at most the cores) nor this policy's."""
+    want = (os.cpu_count() or 1) + 1
+    port, env = free_port(), {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.Popen([sys.executable, "-m", "xfusion_serve.cli", "serve", "--checkpoint",
+                             str(random_checkpoint_dir), "--port", str(port), "--block-size", "4", "--threads",
+                             str(want)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("xfusion_compute_threads "))
+        assert float(line.split()[1]) == want
+    finally:
+        proc.terminate()
+        proc.wait(30)
