@@ -153,6 +153,21 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
+    def serve_rows(self, h: torch.Tensor, rows: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                   attention, tower: str, layer: int) -> torch.Tensor | None:
+        """The block over every token of h [..., T, D], returning only the rows whose queries it serves:
+        [N_rows, D] (rows None: every token, in h's shape; no row: None, its keys/values kept by `attention`
+        for later queries, as an image prompt's are). One method, so that whatever wraps a block (FSDP's
+        unshard, activation checkpointing) wraps all of its use."""
+        x = self.input_layernorm(h)
+        if rows is not None and not rows.any():
+            attention(tower, layer, None, *self.self_attn.project(x, cos, sin, need_q=False)[1:])
+            return None
+        attn = attention(tower, layer, *self.self_attn.project(x, cos, sin))
+        if rows is None:
+            return self.finish(h, attn)
+        return self.finish(h[rows], attn[rows])
+
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after attention ([..., heads, head_dim] flattened) and the MLP."""
         o_proj = self.self_attn.o_proj
