@@ -10,6 +10,7 @@ so a standard Llama directory loads without conversion.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -75,6 +76,12 @@ class VisionTower(nn.Module):
 
 
 class XFusionModel(nn.Module):
+    # For training losses on intermediate features (feature alignment, training/alignment.py): when set,
+    # forward's mixed text-and-image loop calls it after every layer with (layer index from 0, the hidden
+    # states after that layer [..., T, D], image rows holding the vision block's output). None: never called.
+    # The single-modality stacks (decode and denoising steps) never call it.
+    layer_output_hook: Callable[[int, torch.Tensor], None] | None = None
+
     def __init__(self, text_cfg: LlamaConfig, cfg: XFusionConfig, vae: VAEInfo):
         super().__init__()
         self.config, self.text_config, self.vae_info = cfg, text_cfg, vae
@@ -175,6 +182,8 @@ class XFusionModel(nn.Module):
                     img_out = self._xfuse(i, img_out, out[is_image])
                 out[is_image] = img_out
             h = out
+            if self.layer_output_hook is not None:
+                self.layer_output_hook(i, h)
         return h
 
     # The two single-modality stacks below look at no token's modality: no masks, no host syncs, so each
