@@ -29,6 +29,7 @@ from ..model.config import CONFIG_FILE
 from ..model.sequence import ImageSegment, pad_sequences, padded_forward
 from ..model.xfusion import XFusionModel
 from .datasets import CaptionDataset, FolderDataset, encode_dataset
+from .order import record_at
 from .samples import noised_target
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ class TrainConfig:
     align_encoder: str | None = None
     align_layer: int = 2
     align_weight: float = 0.5
+    # The order of records (training/order.py): a seeded shuffle buffer of this many records per epoch.
+    shuffle_buffer: int = 10000
+    # Streamed datasets (training/streaming.py): DataLoader worker processes decoding images (0: in process);
+    # `stream` reads a captions.jsonl folder as a stream too (Parquet, WebDataset and latent caches always are).
+    num_workers: int = 2
+    stream: bool = False
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -122,18 +129,25 @@ class TrainStep(nn.Module):
 
 
 def make_sample(cfg: TrainConfig, step: int, j: int, latents: torch.Tensor, captions: list[str], tokenizer) -> dict:
-    """Sample j of the global batch at `step`; everything random is drawn from its own seed."""
+    """Sample j of the global batch at `step` from in-memory records (latents [N, C, h, w], N captions): the
+    record at the run's position step * cfg.batch_size + j (training/order.py), then `sample_from`."""
+    i = record_at(step * cfg.batch_size + j, len(latents), cfg.seed, cfg.shuffle_buffer)
+    return sample_from(cfg, step, j, latents[i], captions[i], tokenizer)
+
+
+def sample_from(cfg: TrainConfig, step: int, j: int, x0: torch.Tensor, caption: str, tokenizer) -> dict:
+    """Sample j of the global batch at `step` from its record: x0 [C, h, w] float32 (scaled latents) and its
+    caption. Generation or captioning, noise, t and caption dropout are drawn from the seed (cfg.seed, step, j),
+    whatever source the record came from."""
     rng = random.Random(f"{cfg.seed}:{step}:{j}")
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
-    i = rng.randrange(len(latents))
-    x0 = latents[i]
     noise = torch.randn(x0.shape, generator=gen)
     if rng.random() < cfg.generation_ratio:
         t = torch.sigmoid(torch.randn((), generator=gen) * cfg.timestep_std + cfg.timestep_mean).item()
-        prompt = "" if rng.random() < cfg.caption_dropout else captions[i]
+        prompt = "" if rng.random() < cfg.caption_dropout else caption
         return noised_target([prompts.generation_prompt(tokenizer, prompt)], x0, noise, t)
     t = rng.uniform(0.0, cfg.caption_max_noise) if cfg.caption_max_noise > 0 else 0.0
-    answer = prompts.encode(tokenizer, captions[i]) + [tokenizer.eos_token_id]
+    answer = prompts.encode(tokenizer, caption) + [tokenizer.eos_token_id]
     instruction = prompts.caption_instruction(tokenizer, rng.choice(cfg.instructions))
     return {"segments": [prompts.caption_prefix(tokenizer), ImageSegment((1 - t) * x0 + t * noise, t),
                          instruction + answer],
@@ -153,7 +167,8 @@ class SampleSource(Protocol):
 
 
 class CaptionSamples:
-    """The paper's recipe on (image, caption) pairs (make_sample); latents encoded once, in `prepare`."""
+    """The paper's recipe on (image, caption) pairs (make_sample); latents encoded once, in `prepare`. Records
+    come in the order of training/order.py, as from a stream of the same data in one process."""
 
     def __init__(self, cfg: TrainConfig, data: CaptionDataset):
         self.cfg, self.data = cfg, data
