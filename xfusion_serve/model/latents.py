@@ -32,8 +32,14 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 def encode_images(vae, images: list[Image.Image], height: int, width: int) -> torch.Tensor:
     """Images -> scaled latents [B, C, H/f, W/f] float32, (z - shift) * scale, from the posterior mean:
     deterministic. vae: a diffusers AutoencoderKL."""
-    x = images_to_tensor(images, height, width).to(vae.device, vae.dtype)
-    z = vae.encode(x).latent_dist.mode()
+    return encode_pixels(vae, images_to_tensor(images, height, width))
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] (images_to_tensor) -> scaled latents [B, C, H/f, W/f] float32, as
+    encode_images."""
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     shift = vae.config.shift_factor or 0.0
     return ((z - shift) * vae.config.scaling_factor).float()
 
