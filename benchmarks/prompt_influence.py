@@ -21,7 +21,7 @@ from xfusion_serve.training.trainer import CaptionSamples, TrainConfig, TrainSte
 
 @torch.no_grad()
 def mean_loss(step: TrainStep, source, batches: int, batch: int) -> float:
-    return sum(step(source.batch(i, range(batch)))[1].item() / batch for i in range(batches)) / batches
+    return sum(step(source.batch(i, range(batch))).dm.item() / batch for i in range(batches)) / batches
 
 
 def prompt_losses(ckpt, form: str, seed: int, batches: int, batch: int, caption_first: bool = False):

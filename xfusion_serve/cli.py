@@ -67,16 +67,17 @@ def _train(args: argparse.Namespace) -> None:
     for name in ("betas", "image_size"):
         values[name] = tuple(values[name]) if values[name] is not None else None
     cfg = TrainConfig(**values)
+    evaluator = _drawing_evaluator(cfg) if cfg.eval_every else None
     if cfg.dataset == "shapes-tasks":  # the embedded default's recipe: the world's conversation tasks
         from .demo.recipe import task_samples
 
-        out = train(cfg, samples=task_samples(cfg))
+        out = train(cfg, samples=task_samples(cfg), evaluator=evaluator)
     else:
         from .training.sources import source_for  # Parquet, WebDataset, a latent cache, or --stream: streamed
 
         source = None if cfg.dataset == "shapes" else source_for(cfg)
-        out = train(cfg, samples=source) if source else train(cfg, open_dataset(cfg.dataset, cfg.shapes_size,
-                                                                                  cfg.data_seed))
+        data = None if source else open_dataset(cfg.dataset, cfg.shapes_size, cfg.data_seed)
+        out = train(cfg, data, samples=source, evaluator=evaluator)
     print(f"wrote {out}")
 
 
@@ -90,6 +91,29 @@ def _encode_latents(args: argparse.Namespace) -> None:
                          shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                          num_workers=args.num_workers, device=device, show_progress=args.progress)
     print(f"wrote {out}")
+
+
+def _drawing_evaluator(cfg):
+    """train's evaluator (training/evaluation.py): each of cfg.eval_prompts drawn (the checkpoint's sampler
+    defaults, seed cfg.seed + i, the engine's uncached sampler), then captioned greedily by the same model."""
+    from .engine.uncached import caption_greedy_uncached, sample_images_uncached
+    from .model.checkpoint import load_checkpoint
+    from .model.latents import decode_latents
+
+    if not cfg.eval_prompts:
+        raise ValueError("--eval-every needs --eval-prompts: the prompts to draw at each evaluation")
+    parts = load_checkpoint(cfg.checkpoint, load_weights=False)  # tokenizer, VAE and stop ids; no weights
+    height, width = cfg.image_size or parts.config.image_sizes[0]
+    s, seeds = parts.config.sampler, [cfg.seed + i for i in range(len(cfg.eval_prompts))]
+
+    def evaluate(model, step: int) -> dict:
+        latents = sample_images_uncached(model, parts.tokenizer, cfg.eval_prompts, seeds, s.steps,
+                                         s.guidance_scale, s.shift, height, width)
+        ids = caption_greedy_uncached(model, parts.tokenizer, latents, None, 32, set(parts.eos_token_ids))
+        return {"images": decode_latents(parts.vae, latents.cpu()), "prompts": cfg.eval_prompts,
+                "captions": parts.tokenizer.batch_decode(ids)}
+
+    return evaluate
 
 
 def _eval(args: argparse.Namespace) -> None:

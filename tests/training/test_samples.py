@@ -43,7 +43,7 @@ def test_an_image_answer_learns_the_last_picture_not_the_prompts(checkpoint_dir)
     sample = image_answer_sample(ckpt.tokenizer, messages, [before], x0, noise, 0.6)
     assert sample["segments"][:-1] == prompts.conversation(ckpt.tokenizer, messages, [before])
     with torch.no_grad():
-        _, dm = TrainStep(model)([sample])
+        dm = TrainStep(model)([sample]).dm
         velocities = reference_forward(model, sample["segments"])[1]
     assert len(velocities) == 2
     torch.testing.assert_close(dm, F.mse_loss(velocities[-1], noise - x0), atol=1e-5, rtol=1e-4)

@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from ..model.checkpoint import init_checkpoint
 from ..model.config import ImageAnswer, SamplerDefaults, XFusionConfig
-from ..training.trainer import STATE_FILE, TrainConfig, train
+from ..training.saving import remove_state
+from ..training.trainer import TrainConfig, train
 from .evaluate import OverHTTP, caption_accuracy, generation_accuracy, live_server, report
 from .evaluate_tasks import TASK_SEED, task_accuracy, task_report
 from .task_samples import TaskSamples
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = train(cfg, samples=task_samples(cfg))
     timings["train_s"] = round(time.time() - t1)
 
-    (trained / STATE_FILE).unlink()  # optimizer state is for resuming, not for serving
+    remove_state(trained)  # optimizer state is for resuming, not for serving
     t2 = time.time()
     figures = measure(trained, args.eval_samples, args.eval_tasks) | {"frozen_lm_on_task_text": lm_figures}
     timings["eval_s"] = round(time.time() - t2)

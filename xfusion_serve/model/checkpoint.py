@@ -68,6 +68,12 @@ def eos_token_ids(text_dir: Path, text_cfg: LlamaConfig) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
+def weight_files(ckpt: Checkpoint) -> dict[str, list[Path]]:
+    """The safetensors files holding a checkpoint's weights, by the model's submodule they fill:
+    {"text": the text tower's (shards too), "vision": [vision_tower.safetensors]}."""
+    return {"text": _safetensors_files(ckpt.text_tower_dir), "vision": [ckpt.path / VISION_TOWER_FILE]}
+
+
 def _safetensors_files(text_dir: Path) -> list[Path]:
     index = text_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -125,7 +131,11 @@ def _check_and_assign(module: torch.nn.Module, tensors: dict[str, tuple[Path, to
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                    load_vae: bool = True) -> Checkpoint:
+                    load_vae: bool = True, load_weights: bool = True) -> Checkpoint:
+    """A checkpoint directory -> its model (on `device`, in `dtype`), tokenizer, stop ids and VAE. Raises
+    CheckpointError naming the file and parameter for anything missing or mis-shaped. load_weights False: the
+    model's parameters stay on the meta device (shapes only), for a caller that places them itself (sharded
+    training reads each process's rows: training/parallel.py's load_shards)."""
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
     cfg = XFusionConfig.load(path)
@@ -137,12 +147,14 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "float32", devi
 
     with torch.device("meta"):
         model = XFusionModel(text_cfg, cfg, vae_info)
-    text_tensors = _read(_safetensors_files(text_dir))
-    ignore = {"lm_head.weight"} if model.text.tied else set()  # some tied checkpoints still store the head
-    _check_and_assign(model.text, text_tensors, text_dir, torch_dtype, ignore)
-    vision_file = path / VISION_TOWER_FILE
-    _check_and_assign(model.vision, _read([vision_file]), vision_file, torch_dtype)
-    model.requires_grad_vision_only().eval().to(device).tables_to(device)
+    if load_weights:
+        text_tensors = _read(_safetensors_files(text_dir))
+        ignore = {"lm_head.weight"} if model.text.tied else set()  # some tied checkpoints still store the head
+        _check_and_assign(model.text, text_tensors, text_dir, torch_dtype, ignore)
+        vision_file = path / VISION_TOWER_FILE
+        _check_and_assign(model.vision, _read([vision_file]), vision_file, torch_dtype)
+        model.to(device).tables_to(device)
+    model.requires_grad_vision_only().eval()
 
     vae = None
     if load_vae:

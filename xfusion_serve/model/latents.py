@@ -45,7 +45,14 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def decode_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] -> pixels [B, 3, H, W] in [-1, 1] (clamped), float32, on the latents'
+    device: z = latents / scale + shift through the VAE decoder. Gradients do not flow (the VAE is frozen)."""
+    with torch.no_grad():
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z).sample.clamp(-1, 1).float().to(latents.device)
+
+
 def decode_latents(vae, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents [B, C, h, w] -> RGB images: z = latents / scale + shift through the VAE decoder."""
-    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    return tensor_to_images(vae.decode(z).sample)
+    """Scaled latents [B, C, h, w] -> RGB images (decode_pixels)."""
+    return tensor_to_images(decode_pixels(vae, latents))

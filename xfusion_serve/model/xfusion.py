@@ -215,16 +215,7 @@ class XFusionModel(nn.Module):
 
     @staticmethod
     def _tower(block: Block, h, rows, cos, sin, attention, tower: str, layer: int) -> torch.Tensor | None:
-        """One block over the tokens, returning only the rows whose queries it serves: [N_rows, D]
-        (rows None: every token, in h's own shape)."""
-        x = block.input_layernorm(h)
-        if rows is not None and not rows.any():  # keys/values for later queries only (an image prompt's)
-            attention(tower, layer, None, *block.self_attn.project(x, cos, sin, need_q=False)[1:])
-            return None
-        attn = attention(tower, layer, *block.self_attn.project(x, cos, sin))
-        if rows is None:
-            return block.finish(h, attn)
-        return block.finish(h[rows], attn[rows])
+        return block.serve_rows(h, rows, cos, sin, attention, tower, layer)
 
     def fuse_projections(self) -> "XFusionModel":
         """For inference: every block's q/k/v and gate/up projections as one matrix multiply each (see

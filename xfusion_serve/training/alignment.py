@@ -63,6 +63,7 @@ class FeatureAlignment(nn.Module):
     Dinov2Model (a full CLIP/SigLIP model directory works too: its vision model is kept, its text model
     dropped). Its preprocessor_config.json (AutoImageProcessor) gives the input side and the normalisation.
     hidden_size: X-Fusion's hidden size D. projector_dim: the MLP's width (default max(D, encoder width)).
+    seed: the MLP's initialisation (the same in every process of a run).
 
     The whole image is resized (bilinear, antialiased) to the encoder's square input side, never cropped, so
     that encoder patches and latent patches cover the same places; the processor's crop size is that side
@@ -71,7 +72,7 @@ class FeatureAlignment(nn.Module):
     Raises FileNotFoundError (no such directory) or ValueError (not a supported vision model).
     """
 
-    def __init__(self, encoder_dir: str | Path, hidden_size: int, projector_dim: int | None = None):
+    def __init__(self, encoder_dir: str | Path, hidden_size: int, projector_dim: int | None = None, seed: int = 0):
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -109,8 +110,10 @@ class FeatureAlignment(nn.Module):
         width = vision_config.hidden_size
         mid = projector_dim or max(hidden_size, width)
         self.hidden_size, self.encoder_size = hidden_size, width
-        self.projector = nn.Sequential(nn.Linear(hidden_size, mid), nn.SiLU(), nn.Linear(mid, mid), nn.SiLU(),
-                                       nn.Linear(mid, width))
+        with torch.random.fork_rng(devices=[]):  # the same MLP in every process, whatever each drew before
+            torch.manual_seed(seed)
+            self.projector = nn.Sequential(nn.Linear(hidden_size, mid), nn.SiLU(), nn.Linear(mid, mid), nn.SiLU(),
+                                           nn.Linear(mid, width))
 
     @staticmethod
     def _input_side(processor, vision_config) -> int:

@@ -12,6 +12,7 @@ DeepSpeed ZeRO stage 2). With bf16, blocks compute in bf16 and gradients are red
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..model.checkpoint import Checkpoint, CheckpointError, weight_files
 from ..model.xfusion import XFusionModel
 
 SHARDINGS = ("auto", "fsdp", "ddp")
@@ -93,6 +95,36 @@ def distribute(step: nn.Module, model: XFusionModel, world: World, sharding: str
     fully_shard(step, mesh=mesh, mp_policy=mp)
     step.set_reduce_scatter_unused_params(True)  # as find_unused_parameters: every rank reduces every shard
     return step
+
+
+@torch.no_grad()
+def load_shards(model: XFusionModel, ckpt: Checkpoint, world: World) -> None:
+    """Fills a model sharded on the meta device (`distribute` on a `load_checkpoint(..., load_weights=False)`
+    model) with the checkpoint's weights, each process reading only its own rows of each tensor from the
+    safetensors files (FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows a process): no process ever
+    holds the whole model, at load as after. Raises CheckpointError for a missing or mis-shaped tensor."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device=world.device)
+    where = {}
+    for tower, files in weight_files(ckpt).items():
+        for file in files:
+            with safe_open(file, framework="pt") as fh:
+                where.update({f"{tower}.{key}": (file, key) for key in fh.keys()})
+    for name, param in model.named_parameters():
+        if name not in where:
+            raise CheckpointError(f"{ckpt.path}: no tensor for parameter {name!r} in {sorted(set(f for f, _ in where.values()))}")
+        file, key = where[name]
+        with safe_open(file, framework="pt") as fh:
+            rows = fh.get_slice(key)
+            shape = tuple(rows.get_shape())
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"{file}: {key!r} has shape {shape}, the model expects {tuple(param.shape)}")
+            local = param.to_local() if isinstance(param, DTensor) else param.data
+            start = min(shape[0], world.rank * math.ceil(shape[0] / world.size)) if isinstance(param, DTensor) else 0
+            local.copy_(rows[start:start + local.shape[0]])
+    model.tables_to(world.device)
 
 
 def gradient_sync(runner: nn.Module, last: bool):

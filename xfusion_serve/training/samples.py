@@ -40,7 +40,7 @@ def image_answer_sample(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
 
 
 def noised_target(prompt: list[Segment], x0: torch.Tensor, noise: torch.Tensor, t: float) -> dict:
-    """-> {"segments", "velocity"} for TrainStep: `prompt`, then the target x0 [C, h, w] (scaled latents) noised
+    """-> {"segments", "velocity", "x0"} for TrainStep: `prompt`, then the target x0 [C, h, w] (scaled latents) noised
     to level t in [0, 1] on the rectified-flow path x_t = (1 - t) x0 + t noise (SD3, section 2); the velocity
     to learn is d x_t / dt = noise - x0."""
-    return {"segments": [*prompt, ImageSegment((1 - t) * x0 + t * noise, t)], "velocity": noise - x0}
+    return {"segments": [*prompt, ImageSegment((1 - t) * x0 + t * noise, t)], "velocity": noise - x0, "x0": x0}

@@ -2,7 +2,8 @@
 
 loss = lambda_AR * next-token loss (captioning samples) + lambda_DM * flow-matching loss (generation samples).
 Every random draw of a sample is seeded by (seed, step, index in the global batch), so one process or
-several under torchrun (DDP) see the same batch and reach the same weights.
+several under torchrun (FSDP2 or DDP: training/parallel.py), in one batch or in micro-batches, see the same
+batch and reach the same weights.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import contextlib
 import random
+import resource
 import shutil
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,96 +27,55 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model import prompts
-from ..model.checkpoint import Checkpoint, load_checkpoint, save_vision_tower
+from ..model.checkpoint import Checkpoint, load_checkpoint
+from ..model.latents import decode_pixels
 from ..model.config import CONFIG_FILE
 from ..model.sequence import ImageSegment, pad_sequences, padded_forward
 from ..model.xfusion import XFusionModel
+from .alignment import FeatureAlignment, capture_layer_output
+from .config import TrainConfig
 from .datasets import CaptionDataset, FolderDataset, encode_dataset
+from .evaluation import Evaluator, due, evaluate
 from .order import record_at
+from .parallel import (World, checkpoint_blocks, distribute, gradient_sync, join_world, leave_world,
+                       load_shards)
 from .samples import noised_target
+from .saving import export_vision_tower, has_state, load_state, save_state
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
-@dataclass
-class TrainConfig:
-    checkpoint: str
-    out: str
-    # a folder holding captions.jsonl; "shapes": the demo's world, captions only; "shapes-tasks": its
-    # conversation tasks (the CLI opens both)
-    dataset: str = "shapes"
-    shapes_size: int = 20000  # images drawn from the shapes world
-    data_seed: int = 0
-    image_size: tuple[int, int] | None = None  # (height, width); default: the checkpoint's first trained size
-    steps: int = 1000
-    batch_size: int = 64  # global, over all processes
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"  # or "cosine" (to 10% at the end)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lambda_ar: float = 0.2
-    lambda_dm: float = 1.0
-    generation_ratio: float = 2 / 3  # generation : captioning = 2 : 1
-    caption_dropout: float = 0.1  # generation samples with an empty prompt, for classifier-free guidance
-    caption_max_noise: float = 0.0  # captioning images are clean (t = 0) unless this is > 0: t ~ U(0, max)
-    timestep_mean: float = 0.0  # SD3's logit-normal: t = sigmoid(N(mean, std))
-    timestep_std: float = 1.0
-    instructions: list[str] = field(default_factory=lambda: ["", "Describe the image.", "What is in this picture?"])
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
-    seed: int = 0
-    save_every: int = 500
-    log_every: int = 10  # steps between lines of OUT/train_log.jsonl and progress-bar updates
-    resume: bool = False
-    device: str = "auto"
-    progress: bool = True
-    # Feature alignment (X-Fusion section 7, finding iii; REPA), off unless align_encoder names a local
-    # transformers vision model directory (CLIP, SigLIP or DINOv2): the vision tower's hidden states of an
-    # image's tokens after block `align_layer` (counted from 1: 1 = the first block's output) are projected
-    # by a small MLP and pulled towards the frozen encoder's patch features; loss += align_weight * that.
-    align_encoder: str | None = None
-    align_layer: int = 2
-    align_weight: float = 0.5
-    # The order of records (training/order.py): a seeded shuffle buffer of this many records per epoch.
-    shuffle_buffer: int = 10000
-    # Streamed datasets (training/streaming.py): DataLoader worker processes decoding images (0: in process);
-    # `stream` reads a captions.jsonl folder as a stream too (Parquet, WebDataset and latent caches always are).
-    num_workers: int = 2
-    stream: bool = False
+class Losses(NamedTuple):
+    """A micro-batch's summed losses (float32 scalars): next-token (summed over answer tokens), flow matching
+    and feature alignment (each summed over its images; alignment 0 when off)."""
 
-    def __post_init__(self):
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
-        if not 0.0 <= self.generation_ratio <= 1.0 or not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError("generation_ratio and caption_dropout must lie in [0, 1]")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
-        if self.align_encoder is not None and not Path(self.align_encoder).is_dir():
-            raise FileNotFoundError(f"align_encoder: no model directory at {self.align_encoder}")
-        if isinstance(self.align_layer, bool) or not isinstance(self.align_layer, int) or self.align_layer < 1:
-            raise ValueError(f"align_layer counts vision blocks from 1 (1 = the first block's output), "
-                             f"not {self.align_layer!r}")
-        if not math.isfinite(self.align_weight) or self.align_weight < 0:
-            raise ValueError(f"align_weight must be a finite number >= 0, not {self.align_weight!r}")
+    ar: torch.Tensor
+    dm: torch.Tensor
+    align: torch.Tensor
 
 
 class TrainStep(nn.Module):
-    """One micro-batch -> summed losses. A module of its own so that DDP wraps everything that trains."""
+    """One micro-batch -> Losses. A module of its own so that DDP or FSDP2 wraps everything that trains.
 
-    def __init__(self, model: XFusionModel):
+    alignment: the optional feature alignment (training/alignment.py; X-Fusion section 7, finding iii), with
+    the layer whose output it aligns (from 1) and the VAE that decodes each sample's clean latent back to the
+    pixels the frozen encoder sees: the last image of a sample, its clean latent x0 ("x0", else the segment's
+    own latent, as a caption's image is clean)."""
+
+    def __init__(self, model: XFusionModel, alignment: FeatureAlignment | None = None, align_layer: int = 0,
+                 vae: nn.Module | None = None):
         super().__init__()
-        self.model = model
+        if alignment is not None and vae is None:
+            raise ValueError("feature alignment needs the VAE to decode the clean images")
+        self.model, self.alignment, self.align_layer, self.vae = model, alignment, align_layer, vae
 
-    def forward(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: list[dict]) -> Losses:
         model = self.model
         seqs = [model.embed_sequence(s["segments"]) for s in batch]
         dev = seqs[0].embeds.device
-        out = padded_forward(model, *pad_sequences(seqs))
+        with capture_layer_output(model, self.align_layer) if self.alignment else contextlib.nullcontext() as layer:
+            out = padded_forward(model, *pad_sequences(seqs))
 
         ar, dm = out.new_zeros(()).float(), out.new_zeros(()).float()
         for b, (s, seq) in enumerate(zip(batch, seqs)):
@@ -125,7 +87,23 @@ class TrainStep(nn.Module):
                 start = len(seq.positions) - len(s["targets"])
                 logits = model.text.logits(out[b, start - 1 : len(seq.positions) - 1]).float()
                 ar = ar + F.cross_entropy(logits, torch.tensor(s["targets"], device=dev), reduction="sum")
-        return ar, dm
+        align = out.new_zeros(()).float()
+        if self.alignment is not None:
+            for b, (s, seq) in enumerate(zip(batch, seqs)):
+                if seq.image_slices:
+                    x0 = clean_latent(s)
+                    pixels = decode_pixels(self.vae, x0[None].to(dev))
+                    grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
+                    align = align + self.alignment.loss(layer.hidden[b, seq.image_slices[-1]][None], pixels, grid)
+        return Losses(ar, dm, align)
+
+
+def clean_latent(sample: dict) -> torch.Tensor:
+    """The clean latent x0 [C, h, w] of a sample's last image: "x0" if the sample says it, else that image's own
+    latent (a caption's image, clean unless caption_max_noise is set)."""
+    if "x0" in sample:
+        return sample["x0"]
+    return [seg for seg in sample["segments"] if isinstance(seg, ImageSegment)][-1].latent
 
 
 def make_sample(cfg: TrainConfig, step: int, j: int, latents: torch.Tensor, captions: list[str], tokenizer) -> dict:
@@ -151,7 +129,7 @@ def sample_from(cfg: TrainConfig, step: int, j: int, x0: torch.Tensor, caption: 
     instruction = prompts.caption_instruction(tokenizer, rng.choice(cfg.instructions))
     return {"segments": [prompts.caption_prefix(tokenizer), ImageSegment((1 - t) * x0 + t * noise, t),
                          instruction + answer],
-            "targets": answer}
+            "targets": answer, "x0": x0}
 
 
 class SampleSource(Protocol):
@@ -194,96 +172,148 @@ def _prepare_out(cfg: TrainConfig) -> None:
     """The output is a servable checkpoint: the input's files (text tower byte for byte), then our vision tower."""
     src, out = Path(cfg.checkpoint).resolve(), Path(cfg.out).resolve()
     if src != out and not (out / CONFIG_FILE).exists():
-        shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_FILE))
+        shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("trainer_state*"))
 
 
-def _save(model: XFusionModel, opt, cfg: TrainConfig, step: int) -> None:
-    out = Path(cfg.out)
-    tmp = out / ".saving"
-    tmp.mkdir(exist_ok=True)
-    save_vision_tower(model, tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg)}, tmp / STATE_FILE)
-    for name in ("vision_tower.safetensors", STATE_FILE):  # rename is atomic: a crash never leaves half a file
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+def _micro_batches(cfg: TrainConfig, world: World) -> list[range]:
+    """This process's places in the global batch (every world.size-th), cut into cfg.grad_accum micro-batches.
+    Raises ValueError unless batch_size is a multiple of processes x grad_accum."""
+    if cfg.batch_size % (world.size * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum "
+                         f"({world.size} x {cfg.grad_accum})")
+    mine = range(world.rank, cfg.batch_size, world.size)
+    n = len(mine) // cfg.grad_accum
+    return [mine[m * n:(m + 1) * n] for m in range(cfg.grad_accum)]
 
 
-def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleSource | None = None) -> Path:
+def _all_sum(values: list[float], world: World) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleSource | None = None,
+          evaluator: Evaluator | None = None) -> Path:
     """Trains the vision tower of cfg.checkpoint on `samples` (default: CaptionSamples of `data`, itself by
     default the folder cfg.dataset names) and writes a servable checkpoint to cfg.out. -> cfg.out. Raises
     ValueError for "shapes" or "shapes-tasks" without data or samples: the shapes world belongs to the demo,
-    which builds them (as `xfusion-serve train` does)."""
+    which builds them (as `xfusion-serve train` does); ValueError for a batch that does not split evenly, or
+    for cfg.eval_every without an `evaluator` (training/evaluation.py: run every eval_every steps).
+
+    Under torchrun each process trains on its share of every global batch (training/parallel.py: FSDP2 or DDP);
+    the gradient of a step is that of the global batch's loss, whatever the processes and micro-batches."""
     if data is None and samples is None:
         if cfg.dataset in ("shapes", "shapes-tasks"):
             raise ValueError(f'dataset "{cfg.dataset}" is the demo\'s: pass data=ShapesDataset(...) from '
                              "xfusion_serve.demo.data or samples=TaskSamples(cfg) from "
                              "xfusion_serve.demo.task_samples, or train with `xfusion-serve train`")
         data = FolderDataset(cfg.dataset)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank == 0:
+    if cfg.eval_every and evaluator is None:
+        raise ValueError("eval_every needs an evaluator: pass train(..., evaluator=...), or --eval-prompts to "
+                         "`xfusion-serve train`")
+    world = join_world(cfg.device)
+    micro = _micro_batches(cfg, world)
+    if world.rank == 0:
         _prepare_out(cfg)
-    if world > 1:
+    if world.distributed:
         dist.barrier()
-    resume = cfg.resume and (Path(cfg.out) / STATE_FILE).exists()
-    ckpt = load_checkpoint(cfg.out if resume else cfg.checkpoint, device=device)
+    sharded = world.distributed and cfg.sharding != "ddp"  # FSDP2: each process reads only its shard
+    ckpt = load_checkpoint(cfg.checkpoint, device=world.device, load_weights=not sharded)
     model = ckpt.model.train()
     height, width = cfg.image_size or ckpt.config.image_sizes[0]
-
     samples = samples or CaptionSamples(cfg, data)
-    samples.prepare(ckpt, height, width, show_progress=cfg.progress and rank == 0)
-    ckpt.vae = None  # kept by the source if it encodes as it goes
+    samples.prepare(ckpt, height, width, show_progress=cfg.progress and world.rank == 0)
+    vae, ckpt.vae = ckpt.vae, None  # kept by the source if it encodes as it goes, and by alignment
 
-    step_fn = TrainStep(model)
-    # A rank's share may hold no generation sample (no velocity head used): DDP must not wait for it.
-    runner = nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True) if world > 1 else step_fn
-    params = [p for p in model.parameters() if p.requires_grad]
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    alignment = None
+    if cfg.align_encoder:
+        alignment = FeatureAlignment(cfg.align_encoder, model.text_config.hidden_size, seed=cfg.seed).to(world.device)
+    step_fn = TrainStep(model, alignment, cfg.align_layer, vae if alignment else None)
+    runner = distribute(step_fn, model, world, cfg.sharding, bf16)
+    if sharded:
+        load_shards(model, ckpt, world)
+    params = [p for p in step_fn.parameters() if p.requires_grad]  # the vision tower (and the alignment's MLP)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume:
-        state = torch.load(Path(cfg.out) / STATE_FILE, map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    start, tokens = load_state(runner, opt, cfg.out) if cfg.resume and has_state(cfg.out) else (0, 0)
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-               disable=not (cfg.progress and rank == 0), mininterval=2)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step",
+               disable=not (cfg.progress and world.rank == 0), mininterval=2)
+    clock, trained = time.perf_counter(), 0
     for step in bar:
-        batch = samples.batch(step, range(rank, cfg.batch_size, world))
-        counts = torch.tensor([sum("velocity" in s for s in batch), sum(len(s.get("targets", [])) for s in batch)],
-                              dtype=torch.float32, device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            ar_sum, dm_sum = runner(batch)
-        # Normalised by the global counts and scaled by the world size: DDP's mean of gradients is then
-        # exactly the gradient of the global-batch loss.
-        ar, dm = ar_sum / counts[1].clamp(min=1), dm_sum / counts[0].clamp(min=1)
-        loss = (cfg.lambda_ar * ar + cfg.lambda_dm * dm) * world
+        batches = [samples.batch(step, part) for part in micro]
+        # Normalised by the global counts and scaled by the world size: the mean of gradients over processes
+        # (DDP, FSDP2) summed over micro-batches is then exactly the gradient of the global batch's loss.
+        counts = _all_sum([sum("velocity" in s for b in batches for s in b),
+                           sum(len(s.get("targets", [])) for b in batches for s in b),
+                           sum(_length(s) for b in batches for s in b),
+                           sum(any(isinstance(g, ImageSegment) for g in s["segments"]) for b in batches for s in b)],
+                          world)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        ar_total, dm_total, align_total = 0.0, 0.0, 0.0
+        for m, batch in enumerate(batches):
+            with gradient_sync(runner, last=m == len(batches) - 1), \
+                    torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=bf16):
+                sums = runner(batch)
+                ar, dm = sums.ar / counts[1].clamp(min=1).float(), sums.dm / counts[0].clamp(min=1).float()
+                align = sums.align / counts[3].clamp(min=1).float()
+                ((cfg.lambda_ar * ar + cfg.lambda_dm * dm + cfg.align_weight * align) * world.size).backward()
+            ar_total, dm_total = ar_total + ar.detach(), dm_total + dm.detach()
+            align_total = align_total + align.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        if step % cfg.log_every == 0 or step + 1 == cfg.steps:
-            stats = torch.stack([ar.detach(), dm.detach()]).float()
-            if world > 1:
-                dist.all_reduce(stats)  # each rank holds its share of the global mean
-            row = {"step": step, "ar": stats[0].item(), "dm": stats[1].item(), "lr": lr_at(cfg, step)}
-            bar.set_postfix(ar=f"{row['ar']:.3f}", dm=f"{row['dm']:.3f}", lr=f"{row['lr']:.2e}")
-            if rank == 0:
+        opt.zero_grad(set_to_none=True)
+        tokens, trained = tokens + int(counts[2]), trained + int(counts[2])
+        done = step + 1 == cfg.steps or (cfg.max_tokens is not None and tokens >= cfg.max_tokens)
+        evaluating = evaluator is not None and due(step, cfg.eval_every, done)
+        logging = step % cfg.log_every == 0 or step + 1 == cfg.steps
+        if logging or evaluating:
+            stats = _all_sum([float(ar_total), float(dm_total), float(align_total)], world)  # shares of each
+            now = time.perf_counter()
+            row = {"step": step, "ar": stats[0].item(), "dm": stats[1].item(), "lr": lr_at(cfg, step),
+                   **({"align": stats[2].item()} if alignment else {}),
+                   "tokens": tokens, "tok_s": round(trained / max(now - clock, 1e-9), 1),
+                   "peak_memory_gib": round(_peak_memory(world) / 2**30, 3)}
+            bar.set_postfix(ar=f"{row['ar']:.3f}", dm=f"{row['dm']:.3f}", lr=f"{row['lr']:.2e}",
+                            tok_s=f"{row['tok_s']:.0f}")
+            if logging and world.rank == 0:
                 with open(Path(cfg.out) / LOG_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            _save(model, opt, cfg, step + 1)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        if evaluating:
+            evaluate(runner, model, evaluator, step + 1, {"ar": row["ar"], "dm": row["dm"]}, cfg.out, world.rank)
+        if (step + 1) % cfg.save_every == 0 or done:
+            save_state(runner, opt, cfg.out, {"step": step + 1, "tokens": tokens, "config": asdict(cfg)}, world.rank)
+            export_vision_tower(runner, cfg.out, world.rank)
+        if done:
+            break
+    leave_world(world)
     return Path(cfg.out)
+
+
+def _peak_memory(world: World) -> float:
+    """The largest peak over the processes, in bytes: CUDA memory allocated on a GPU, resident memory (RSS)
+    on the CPU."""
+    if world.device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(world.device))
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+    t = torch.tensor([peak], dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _length(sample: dict) -> int:
+    """Tokens of a sample's sequence: its text tokens and its images' patches."""
+    n = 0
+    for seg in sample["segments"]:
+        if isinstance(seg, ImageSegment):
+            n += seg.latent.shape[-2] * seg.latent.shape[-1] // 4 + 2  # 2x2 patches, <boi> and <eoi>
+        else:
+            n += len(seg)
+    return n

@@ -1,0 +1,85 @@
+"""Feature alignment inside `xfusion-serve train`: it falls on a tiny run, every process agrees on it, its MLP
+trains and resumes but is never served, and with it off nothing changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from alignment_models import make_tiny_encoder
+from conftest import make_text_tower, make_vae
+from safetensors.torch import load_file
+
+from xfusion_serve.cli import main as cli
+from xfusion_serve.model.checkpoint import init_checkpoint
+from xfusion_serve.training.trainer import LOG_FILE
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    ckpt = init_checkpoint(make_text_tower(root / "llama"), make_vae(root / "vae"), root / "ckpt",
+                           image_sizes=[(16, 16)])
+    return ckpt, make_tiny_encoder(root / "dinov2", "dinov2")
+
+
+def _args(ckpt, out, encoder=None, **extra) -> list[str]:
+    opts = {"steps": 4, "batch-size": 8, "shapes-size": 32, "lr": 1e-3, "warmup-steps": 1, "log-every": 1} | extra
+    args = ["train", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    args += [x for k, v in opts.items() for x in (f"--{k}", str(v))]
+    return args + (["--align-encoder", str(encoder), "--align-layer", "1"] if encoder else [])
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+
+
+def test_the_alignment_loss_falls_in_training_and_the_servable_tower_holds_no_mlp(tmp_path, parts):
+    ckpt, encoder = parts
+    out = tmp_path / "aligned"
+    assert cli(_args(ckpt, out, encoder, steps=40, lr=5e-3)) == 0
+    align = [r["align"] for r in _log(out)]
+    assert len(align) == 40 and all(-1 <= a <= 1 for a in align)
+    assert sum(align[-5:]) / 5 < sum(align[:5]) / 5 - 0.2, align  # it learns to align
+    served = load_file(out / "vision_tower.safetensors")
+    assert served.keys() == load_file(ckpt / "vision_tower.safetensors").keys()  # nothing of the alignment's
+
+
+def test_off_by_default_it_changes_nothing(tmp_path, parts):
+    ckpt, encoder = parts
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    assert cli(_args(ckpt, plain)) == 0
+    assert "align" not in _log(plain)[0]
+    assert cli(_args(ckpt, zero, encoder, **{"align-weight": 0.0})) == 0  # on, weighted 0: the same weights
+    a, b = load_file(plain / "vision_tower.safetensors"), load_file(zero / "vision_tower.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def test_two_fsdp_processes_align_as_one(tmp_path, parts):
+    ckpt, encoder = parts
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(_args(ckpt, one, encoder)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "xfusion_serve.cli"] + _args(ckpt, two, encoder)
+    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r1, r2 in zip(_log(one), _log(two), strict=True):
+        assert r1["align"] == pytest.approx(r2["align"], rel=1e-4, abs=1e-6)
+    a, b = load_file(one / "vision_tower.safetensors"), load_file(two / "vision_tower.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_the_mlp_resumes_with_the_run(tmp_path, parts):
+    ckpt, encoder = parts
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli(_args(ckpt, straight, encoder)) == 0
+    assert cli(_args(ckpt, resumed, encoder, steps=2)) == 0
+    assert cli(_args(ckpt, resumed, encoder) + ["--resume"]) == 0
+    assert [r["align"] for r in _log(resumed)] == pytest.approx([r["align"] for r in _log(straight)], rel=1e-5)
