@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -182,6 +185,8 @@ def test_encode_latents_resumes_after_a_crash_byte_for_byte(tmp_path, checkpoint
         cli(args + [str(tmp_path / "resumed")])
     manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 1 and not manifest["complete"]
+    # a kill in the middle of writing shard 1 leaves at most its temporary file, never the shard
+    (tmp_path / "resumed" / "shard-00001.safetensors.tmp").write_bytes(b"half a shard")
 
     def count(out, index, *rest):
         written.append(index)
@@ -222,6 +227,19 @@ def test_training_from_the_latent_cache(tmp_path, checkpoint_dir):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(r["ar"]) and math.isfinite(r["dm"]) for r in rows)
     assert (out / "vision_tower.safetensors").is_file()
+
+
+def test_two_processes_train_each_on_its_own_share(tmp_path, checkpoint_dir):
+    out, data = tmp_path / "trained", make_parquet(tmp_path / "parquet")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "xfusion_serve.cli", "train", "--checkpoint", str(checkpoint_dir), "--out", str(out),
+           "--dataset", str(data), "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
+           "--num-workers", "1", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["ar"] + r["dm"]) for r in rows)
 
 
 def test_bad_input_gives_clear_errors(tmp_path, checkpoint_dir, capsys):

@@ -41,7 +41,8 @@ class _Sequential:
         share (all of it, or one micro-batch), at positions step * len(share) + their rank in the share.
         ValueError: places that are not."""
         first = indices[0] - self.share.start
-        if first % self.share.step or list(indices) != list(self.share[first // self.share.step:][:len(indices)]):
+        if first < 0 or first % self.share.step or \
+                list(indices) != list(self.share[first // self.share.step:][:len(indices)]):
             raise ValueError(f"places {list(indices)} of the batch are not a run of this process's "
                              f"{list(self.share)}")
         start = step * len(self.share) + first // self.share.step
