@@ -109,9 +109,13 @@ def _drawing_evaluator(cfg):
     def evaluate(model, step: int) -> dict:
         latents = sample_images_uncached(model, parts.tokenizer, cfg.eval_prompts, seeds, s.steps,
                                          s.guidance_scale, s.shift, height, width)
-        ids = caption_greedy_uncached(model, parts.tokenizer, latents, None, 32, set(parts.eos_token_ids))
+        # All 32 tokens on every process, cut at the stop token after: under FSDP2 each forward is collective,
+        # so no process may stop early on an answer another computed a hair differently.
+        ids = caption_greedy_uncached(model, parts.tokenizer, latents, None, 32, set())
+        stops = set(parts.eos_token_ids)
+        cut = [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in ids]
         return {"images": decode_latents(parts.vae, latents.cpu()), "prompts": cfg.eval_prompts,
-                "captions": parts.tokenizer.batch_decode(ids)}
+                "captions": parts.tokenizer.batch_decode(cut)}
 
     return evaluate
 

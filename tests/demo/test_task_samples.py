@@ -186,3 +186,18 @@ def test_caption_first_opens_an_image_answers_turn_with_the_caption_of_what_it_d
     dropped = TaskSamples(TrainConfig(checkpoint="", out="", caption_dropout=1.0), {"draw": 1}, caption_first=True)
     dropped.prepare(ckpt, 64, 64, show_progress=False)
     assert all(s["segments"][0] == prompts.generation_prompt(tok, "") for s in dropped.batch(0, range(4)))
+
+
+def test_text_answers_carry_their_last_pictures_clean_latent(ckpt):
+    """What the feature alignment aligns to: the clean latent, also when the pictures are noised."""
+    cfg = TrainConfig(checkpoint="", out="", caption_max_noise=1.0)
+    samples = TaskSamples(cfg)
+    samples.prepare(ckpt, *ckpt.config.image_sizes[0], show_progress=False)
+    seen = 0
+    for j in range(40):
+        s = samples.batch(0, range(j, j + 1))[0]
+        images = [g for g in s["segments"] if isinstance(g, ImageSegment)]
+        if "targets" in s and images:
+            assert images[-1].t > 0 and not torch.equal(s["x0"], images[-1].latent)
+            seen += 1
+    assert seen > 0

@@ -69,7 +69,11 @@ def test_a_served_process_computes_with_the_count_it_was_given_and_says_so(rando
                 if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            assert proc.poll() is None, "the server exited before it was ready"
+            time.sleep(0.1)
+        else:
+            pytest.fail("the server was not ready after 60 s")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         line = next(x for x in metrics.splitlines() if x.startswith("xfusion_compute_threads "))
         assert float(line.split()[1]) == want

@@ -83,3 +83,29 @@ def test_the_mlp_resumes_with_the_run(tmp_path, parts):
     assert cli(_args(ckpt, resumed, encoder, steps=2)) == 0
     assert cli(_args(ckpt, resumed, encoder) + ["--resume"]) == 0
     assert [r["align"] for r in _log(resumed)] == pytest.approx([r["align"] for r in _log(straight)], rel=1e-5)
+
+
+def test_fsdp_alignment_with_a_source_that_encodes_as_it_goes(tmp_path, parts):
+    """The VAE and the encoder stay whole on every process (a source encodes with the VAE outside the forward:
+    the demo's tasks here, with noised caption pictures whose clean latents the samples carry)."""
+    ckpt, encoder = parts
+    out = tmp_path / "tasks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "xfusion_serve.cli"] + _args(ckpt, out, encoder, steps=2, **{"batch-size": 4,
+                                                                               "dataset": "shapes-tasks",
+                                                                               "caption-max-noise": 0.5})
+    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(-1 <= r["align"] <= 1 and r["align"] != 0 for r in _log(out))
+
+
+def test_the_alignment_target_is_the_clean_image(parts):
+    from xfusion_serve.model.sequence import ImageSegment
+    from xfusion_serve.training.losses import clean_latent
+
+    x0, noised = torch.ones(4, 2, 2), torch.zeros(4, 2, 2)
+    assert clean_latent({"segments": [[1], ImageSegment(noised, 0.5)], "x0": x0}) is x0
+    assert clean_latent({"segments": [[1], ImageSegment(x0, 0.0)]}) is x0
+    with pytest.raises(ValueError, match="clean latent of a noised image"):
+        clean_latent({"segments": [[1], ImageSegment(noised, 0.5)]})

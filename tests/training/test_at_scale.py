@@ -190,3 +190,18 @@ def test_evaluation_without_prompts_or_an_evaluator_is_refused(tmp_path, checkpo
         train(TrainConfig(checkpoint=str(checkpoint_dir), out=str(tmp_path / "y"), eval_every=2), data=[])
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(checkpoint="", out="", eval_every=-1)
+
+
+def test_resume_refuses_a_run_it_would_not_continue(tmp_path, checkpoint_dir, one_process, capsys):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(one_process, out)
+    for option, value in [("batch-size", 4), ("seed", 7), ("shapes-size", 16)]:
+        assert cli(_args(checkpoint_dir, out, steps=6, **{option: value}) + ["--resume"]) != 0
+        assert f"{option.replace('-', '_')}: saved" in capsys.readouterr().err
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "trainer_state.pt").write_bytes(b"")
+    assert cli(_args(checkpoint_dir, old) + ["--resume"]) != 0
+    assert "older xfusion-serve's state" in capsys.readouterr().err

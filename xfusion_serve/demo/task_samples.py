@@ -83,11 +83,13 @@ class TaskSamples:
                 prompt = self._cached(task, None, pictures)["segments"]
             return noised_target(prompt, x0, noise, t)
         pictures = [self._noised(self._latent(p), rng, gen) for p in task.pictures]
+        clean = {"x0": self._latent(task.pictures[-1])} if task.pictures else {}  # the last picture's, unnoised
         if kind == "caption":
             answer = prompts.encode(tok, task.answer) + [tok.eos_token_id]
             instruction = prompts.caption_instruction(tok, rng.choice(["", *DESCRIBE]))
-            return {"segments": [prompts.caption_prefix(tok), pictures[0], instruction + answer], "targets": answer}
-        return self._cached(task, task.answer, pictures)
+            return {"segments": [prompts.caption_prefix(tok), pictures[0], instruction + answer], "targets": answer,
+                    **clean}
+        return self._cached(task, task.answer, pictures) | clean
 
     def _cached(self, task: Task, answer: str | None, pictures: list[ImageSegment], said: str | None = None) -> dict:
         """image_answer_sample's prompt (answer None; with `said`, the assistant's turn opened with that text, as

@@ -50,7 +50,7 @@ def compute_threads(config: ServerConfig, text_parameters: int, environ=os.envir
     keeps one for its scheduler (vllm/utils/ompmultiprocessing.py); a model of COMPILE_DECODE_ON_CPU_FROM
     text-tower parameters or more computes on every core, where its large batches need them.
     `benchmarks/bench_peers.py` side by side on 2 cores (HTTP tok/s at 1/16/64 requests, 1 thread vs 2): the demo
-    598/3159/4759 vs 263/1955/4002; a 135M-parameter Llama 25.9/174.7/272.9 vs 25.6/187.2/351.5.
+    617/3175/4771 vs 263/1955/4002; a 135M-parameter Llama 25.9/174.7/272.9 vs 25.6/187.2/351.5.
     `compute_threads` set, or OMP_NUM_THREADS set by the operator, wins; on a GPU torch's choice stays."""
     if config.compute_threads is not None:
         return config.compute_threads
@@ -58,7 +58,8 @@ def compute_threads(config: ServerConfig, text_parameters: int, environ=os.envir
         return None
     if text_parameters >= COMPILE_DECODE_ON_CPU_FROM:
         return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
 
 
 class ServerState:

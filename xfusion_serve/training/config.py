@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .parallel import SHARDINGS
 
+STREAM_SHUFFLE_BUFFER = 10000  # records a stream mixes over, by default (training/order.py)
+
 
 @dataclass
 class TrainConfig:
@@ -57,14 +59,25 @@ class TrainConfig:
     align_encoder: str | None = None
     align_layer: int = 2
     align_weight: float = 0.5
-    # The order of records (training/order.py): a seeded shuffle buffer of this many records per epoch.
-    shuffle_buffer: int = 10000
+    # The order of records (training/order.py): a seeded shuffle buffer of this many records per epoch. None:
+    # data in memory is drawn in a full permutation each epoch, a stream through STREAM_SHUFFLE_BUFFER records.
+    shuffle_buffer: int | None = None
     # Streamed datasets (training/streaming.py): DataLoader worker processes decoding images (0: in process);
     # `stream` reads a captions.jsonl folder as a stream too (Parquet, WebDataset and latent caches always are).
     num_workers: int = 2
     stream: bool = False
 
+    def shuffle_buffer_for(self, records: int | None) -> int:
+        """The shuffle buffer of a source of `records` records in memory (None: a stream)."""
+        if self.shuffle_buffer is not None:
+            return self.shuffle_buffer
+        return records if records is not None else STREAM_SHUFFLE_BUFFER
+
     def __post_init__(self):
+        if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, not {self.shuffle_buffer}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, not {self.num_workers}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

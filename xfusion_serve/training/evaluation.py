@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..model.xfusion import XFusionModel
@@ -44,15 +45,29 @@ def whole_model(runner: nn.Module, model: XFusionModel):
 
 
 def evaluate(runner: nn.Module, model: XFusionModel, evaluator: Evaluator, step: int, losses: dict,
-             out: str | Path, rank: int) -> None:
+             out: str | Path, rank: int, device: torch.device) -> None:
     """Runs `evaluator` at `step` (every process) and, on rank 0, writes its images as
     OUT/eval/step-SSSSSSS-I.png and one line of OUT/eval/log.jsonl: the step, `losses`, the image files and
-    the rest of what the evaluator returned."""
+    the rest of what the evaluator returned. If writing fails, every process raises (none is left waiting for
+    the others at the next collective)."""
     with whole_model(runner, model) as m:
         result = dict(evaluator(m, step))
-    if rank != 0:
-        return
-    folder = Path(out) / EVAL_DIR
+    failure = None
+    if rank == 0:
+        try:
+            _write(result, step, losses, Path(out) / EVAL_DIR)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            failure = e
+    if dist.is_initialized():
+        failed = torch.tensor([failure is not None], dtype=torch.float32, device=device)
+        dist.all_reduce(failed)
+        if failed.item() and failure is None:
+            raise RuntimeError("writing the evaluation failed on the first process; see its error")
+    if failure is not None:
+        raise failure
+
+
+def _write(result: dict, step: int, losses: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i, image in enumerate(result.pop("images", [])):

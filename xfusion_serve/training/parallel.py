@@ -73,10 +73,13 @@ def checkpoint_blocks(model: XFusionModel) -> None:
         block.serve_rows = checkpointed
 
 
-def distribute(step: nn.Module, model: XFusionModel, world: World, sharding: str, bf16: bool) -> nn.Module:
+def distribute(step: nn.Module, model: XFusionModel, world: World, sharding: str, bf16: bool,
+               whole: list[nn.Module] = ()) -> nn.Module:
     """step (a module whose forward computes the losses over `model`) made ready for `world` -> the module to
     call. sharding: "auto" (FSDP2 with more than one process), "fsdp" or "ddp"; one process: step itself.
-    Raises ValueError for another sharding."""
+    whole: frozen modules inside step that FSDP2 leaves unsharded on every process (the VAE, an image encoder:
+    used outside the forward too, and never trained). Raises ValueError for another sharding, RuntimeError for
+    a torch whose FSDP2 lacks what this needs."""
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}, not {sharding!r}")
     if not world.distributed:
@@ -85,14 +88,17 @@ def distribute(step: nn.Module, model: XFusionModel, world: World, sharding: str
         # A rank's share may hold no generation sample (no velocity head used): DDP must not wait for it.
         return nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    if not hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        raise RuntimeError(f"FSDP2 sharding needs a torch whose FSDPModule has set_reduce_scatter_unused_params "
+                           f"(this is {torch.__version__}); use --sharding ddp")
     mesh = init_device_mesh(world.device.type, (world.size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in [*model.text.model.layers, *model.vision.layers]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
         register_fsdp_forward_method(block, "serve_rows")  # the model calls blocks through it, not forward
-    fully_shard(step, mesh=mesh, mp_policy=mp)
+    fully_shard(step, mesh=mesh, mp_policy=mp, ignored_params={p for m in whole for p in m.parameters()})
     step.set_reduce_scatter_unused_params(True)  # as find_unused_parameters: every rank reduces every shard
     return step
 

@@ -59,6 +59,30 @@ def save_state(step_module: nn.Module, opt: torch.optim.Optimizer, out: str | Pa
     _barrier()
 
 
+# What a resumed run must share with the run that saved, for the resumed one to be its continuation: the
+# model, the data and its order, the batch, and what trains.
+RESUME_FIELDS = ("dataset", "shapes_size", "data_seed", "seed", "batch_size", "shuffle_buffer",
+                 "image_size", "align_encoder", "align_layer")
+
+
+def check_resumable(out: str | Path, config: dict) -> None:
+    """ValueError, naming what differs, unless `out` holds a state saved by a run with the same RESUME_FIELDS
+    as `config` (a TrainConfig as a dict); also for an older xfusion-serve's trainer_state.pt."""
+    out = Path(out)
+    if not (out / STATE_POINTER).is_file():
+        if (out / "trainer_state.pt").is_file():
+            raise ValueError(f"{out}: trainer_state.pt is an older xfusion-serve's state, which this one cannot "
+                             "resume; train into a new output")
+        return
+    saved = json.loads((out / STATE_POINTER).read_text()).get("config", {})
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON keeps tuples as lists
+    differ = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}" for k in RESUME_FIELDS
+              if norm(saved.get(k)) != norm(config.get(k))]
+    if differ:
+        raise ValueError(f"{out}: --resume would not continue the saved run ({'; '.join(differ)}); use the same "
+                         "settings or a new output")
+
+
 def load_state(step_module: nn.Module, opt: torch.optim.Optimizer, out: str | Path) -> tuple[int, int]:
     """Restores the trainable weights and optimizer state saved in `out` (collective) -> (steps done, tokens
     trained on). Raises FileNotFoundError when there is none."""

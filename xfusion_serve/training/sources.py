@@ -21,13 +21,6 @@ from .streaming import Stream, dataset_kind, pixel_loader, rank_and_world
 from .trainer import SampleSource, TrainConfig, sample_from
 
 
-def _check(cfg: TrainConfig) -> None:
-    if cfg.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, not {cfg.num_workers}")
-    if cfg.shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0, not {cfg.shuffle_buffer}")
-
-
 class _Sequential:
     """Records of a process's share taken in order: the iterator `open_at(position)` opens is reopened
     (skipping) only where a call asks for another position than the next, as at a resumed run's first step."""
@@ -58,7 +51,6 @@ class StreamSamples:
     cfg.num_workers DataLoader workers and encoded with the checkpoint's VAE, one batch at a time."""
 
     def __init__(self, cfg: TrainConfig, path: str | None = None):
-        _check(cfg)
         self.cfg, self.stream = cfg, Stream(path or cfg.dataset)
 
     def prepare(self, ckpt: Checkpoint, height: int, width: int, show_progress: bool) -> None:
@@ -66,7 +58,7 @@ class StreamSamples:
             raise ValueError("a streamed dataset of images needs the checkpoint's VAE: load it with load_vae=True")
         self.vae, self.tokenizer = ckpt.vae, ckpt.tokenizer
         self.records = _Sequential(self.cfg, self.stream.rank, self.stream.world, lambda start: pixel_loader(
-            self.stream, height, width, seed=self.cfg.seed, buffer=self.cfg.shuffle_buffer, start=start,
+            self.stream, height, width, seed=self.cfg.seed, buffer=self.cfg.shuffle_buffer_for(None), start=start,
             num_workers=self.cfg.num_workers))
 
     def batch(self, step: int, indices: range) -> list[dict]:
@@ -83,15 +75,15 @@ class CacheSamples:
     `prepare` raises ValueError where the cache was encoded by another VAE or at another size."""
 
     def __init__(self, cfg: TrainConfig, path: str | None = None):
-        _check(cfg)
         self.cfg, self.cache = cfg, LatentCache(path or cfg.dataset)
         self.rank, self.world = rank_and_world()
 
     def prepare(self, ckpt: Checkpoint, height: int, width: int, show_progress: bool) -> None:
         self.cache.check(ckpt.vae_dir, height, width)
         self.tokenizer = ckpt.tokenizer
+        buffer = self.cfg.shuffle_buffer_for(None)
         self.records = _Sequential(self.cfg, self.rank, self.world, lambda start: (record for _, record in ordered(
-            lambda: self.cache.records(self.rank, self.world), self.cfg.seed, self.cfg.shuffle_buffer, start)))
+            lambda: self.cache.records(self.rank, self.world), self.cfg.seed, buffer, start)))
 
     def batch(self, step: int, indices: range) -> list[dict]:
         if not len(indices):

@@ -11,105 +11,41 @@ from __future__ import annotations
 import json
 import logging
 import math
-import contextlib
 import random
 import resource
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from ..model import prompts
 from ..model.checkpoint import Checkpoint, load_checkpoint
-from ..model.latents import decode_pixels
 from ..model.config import CONFIG_FILE
-from ..model.sequence import ImageSegment, pad_sequences, padded_forward
-from ..model.xfusion import XFusionModel
-from .alignment import FeatureAlignment, capture_layer_output
+from ..model.sequence import ImageSegment
+from .alignment import FeatureAlignment
 from .config import TrainConfig
 from .datasets import CaptionDataset, FolderDataset, encode_dataset
 from .evaluation import Evaluator, due, evaluate
+from .losses import TrainStep
 from .order import record_at
 from .parallel import (World, checkpoint_blocks, distribute, gradient_sync, join_world, leave_world,
                        load_shards)
 from .samples import noised_target
-from .saving import export_vision_tower, has_state, load_state, save_state
+from .saving import check_resumable, export_vision_tower, has_state, load_state, save_state
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
 
 
-class Losses(NamedTuple):
-    """A micro-batch's summed losses (float32 scalars): next-token (summed over answer tokens), flow matching
-    and feature alignment (each summed over its images; alignment 0 when off)."""
-
-    ar: torch.Tensor
-    dm: torch.Tensor
-    align: torch.Tensor
-
-
-class TrainStep(nn.Module):
-    """One micro-batch -> Losses. A module of its own so that DDP or FSDP2 wraps everything that trains.
-
-    alignment: the optional feature alignment (training/alignment.py; X-Fusion section 7, finding iii), with
-    the layer whose output it aligns (from 1) and the VAE that decodes each sample's clean latent back to the
-    pixels the frozen encoder sees: the last image of a sample, its clean latent x0 ("x0", else the segment's
-    own latent, as a caption's image is clean)."""
-
-    def __init__(self, model: XFusionModel, alignment: FeatureAlignment | None = None, align_layer: int = 0,
-                 vae: nn.Module | None = None):
-        super().__init__()
-        if alignment is not None and vae is None:
-            raise ValueError("feature alignment needs the VAE to decode the clean images")
-        self.model, self.alignment, self.align_layer, self.vae = model, alignment, align_layer, vae
-
-    def forward(self, batch: list[dict]) -> Losses:
-        model = self.model
-        seqs = [model.embed_sequence(s["segments"]) for s in batch]
-        dev = seqs[0].embeds.device
-        with capture_layer_output(model, self.align_layer) if self.alignment else contextlib.nullcontext() as layer:
-            out = padded_forward(model, *pad_sequences(seqs))
-
-        ar, dm = out.new_zeros(()).float(), out.new_zeros(()).float()
-        for b, (s, seq) in enumerate(zip(batch, seqs)):
-            if "velocity" in s:  # generation: flow matching on the last image's tokens (those before: the prompt's)
-                sl = seq.image_slices[-1]
-                v = model.velocity(out[b, sl][None], *s["velocity"].shape[-2:])[0]
-                dm = dm + F.mse_loss(v.float(), s["velocity"].to(dev))
-            if s.get("targets"):  # captioning: next-token loss on the answer
-                start = len(seq.positions) - len(s["targets"])
-                logits = model.text.logits(out[b, start - 1 : len(seq.positions) - 1]).float()
-                ar = ar + F.cross_entropy(logits, torch.tensor(s["targets"], device=dev), reduction="sum")
-        align = out.new_zeros(()).float()
-        if self.alignment is not None:
-            for b, (s, seq) in enumerate(zip(batch, seqs)):
-                if seq.image_slices:
-                    x0 = clean_latent(s)
-                    pixels = decode_pixels(self.vae, x0[None].to(dev))
-                    grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
-                    align = align + self.alignment.loss(layer.hidden[b, seq.image_slices[-1]][None], pixels, grid)
-        return Losses(ar, dm, align)
-
-
-def clean_latent(sample: dict) -> torch.Tensor:
-    """The clean latent x0 [C, h, w] of a sample's last image: "x0" if the sample says it, else that image's own
-    latent (a caption's image, clean unless caption_max_noise is set)."""
-    if "x0" in sample:
-        return sample["x0"]
-    return [seg for seg in sample["segments"] if isinstance(seg, ImageSegment)][-1].latent
-
-
 def make_sample(cfg: TrainConfig, step: int, j: int, latents: torch.Tensor, captions: list[str], tokenizer) -> dict:
     """Sample j of the global batch at `step` from in-memory records (latents [N, C, h, w], N captions): the
     record at the run's position step * cfg.batch_size + j (training/order.py), then `sample_from`."""
-    i = record_at(step * cfg.batch_size + j, len(latents), cfg.seed, cfg.shuffle_buffer)
+    i = record_at(step * cfg.batch_size + j, len(latents), cfg.seed, cfg.shuffle_buffer_for(len(latents)))
     return sample_from(cfg, step, j, latents[i], captions[i], tokenizer)
 
 
@@ -212,6 +148,8 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
     if cfg.eval_every and evaluator is None:
         raise ValueError("eval_every needs an evaluator: pass train(..., evaluator=...), or --eval-prompts to "
                          "`xfusion-serve train`")
+    if cfg.resume:
+        check_resumable(cfg.out, asdict(cfg))
     world = join_world(cfg.device)
     micro = _micro_batches(cfg, world)
     if world.rank == 0:
@@ -224,7 +162,7 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
     height, width = cfg.image_size or ckpt.config.image_sizes[0]
     samples = samples or CaptionSamples(cfg, data)
     samples.prepare(ckpt, height, width, show_progress=cfg.progress and world.rank == 0)
-    vae, ckpt.vae = ckpt.vae, None  # kept by the source if it encodes as it goes, and by alignment
+    vae, ckpt.vae = ckpt.vae if cfg.align_encoder else None, None  # a source that encodes as it goes kept its own
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
     if cfg.activation_checkpointing:
@@ -233,7 +171,7 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
     if cfg.align_encoder:
         alignment = FeatureAlignment(cfg.align_encoder, model.text_config.hidden_size, seed=cfg.seed).to(world.device)
     step_fn = TrainStep(model, alignment, cfg.align_layer, vae if alignment else None)
-    runner = distribute(step_fn, model, world, cfg.sharding, bf16)
+    runner = distribute(step_fn, model, world, cfg.sharding, bf16, whole=step_fn.frozen_helpers())
     if sharded:
         load_shards(model, ckpt, world)
     params = [p for p in step_fn.parameters() if p.requires_grad]  # the vision tower (and the alignment's MLP)
@@ -244,14 +182,19 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
                disable=not (cfg.progress and world.rank == 0), mininterval=2)
     clock, trained = time.perf_counter(), 0
     for step in bar:
-        batches = [samples.batch(step, part) for part in micro]
+        try:
+            batches, failure = [samples.batch(step, part) for part in micro], None
+        except Exception as e:  # noqa: BLE001 - raised below on every process, none left waiting for the others
+            batches, failure = [[] for _ in micro], e
         # Normalised by the global counts and scaled by the world size: the mean of gradients over processes
         # (DDP, FSDP2) summed over micro-batches is then exactly the gradient of the global batch's loss.
         counts = _all_sum([sum("velocity" in s for b in batches for s in b),
                            sum(len(s.get("targets", [])) for b in batches for s in b),
-                           sum(_length(s) for b in batches for s in b),
-                           sum(any(isinstance(g, ImageSegment) for g in s["segments"]) for b in batches for s in b)],
-                          world)
+                           sum(_length(s, model.config.patch_size) for b in batches for s in b),
+                           sum(any(isinstance(g, ImageSegment) for g in s["segments"]) for b in batches for s in b),
+                           float(failure is not None)], world)
+        if counts[4] > 0:
+            raise failure or RuntimeError(f"another process could not read its data at step {step}; see its error")
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         ar_total, dm_total, align_total = 0.0, 0.0, 0.0
@@ -285,7 +228,8 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
                 with open(Path(cfg.out) / LOG_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if evaluating:
-            evaluate(runner, model, evaluator, step + 1, {"ar": row["ar"], "dm": row["dm"]}, cfg.out, world.rank)
+            losses = {k: row[k] for k in ("ar", "dm", "align") if k in row}
+            evaluate(runner, model, evaluator, step + 1, losses, cfg.out, world.rank, world.device)
         if (step + 1) % cfg.save_every == 0 or done:
             save_state(runner, opt, cfg.out, {"step": step + 1, "tokens": tokens, "config": asdict(cfg)}, world.rank)
             export_vision_tower(runner, cfg.out, world.rank)
@@ -308,12 +252,7 @@ def _peak_memory(world: World) -> float:
     return t.item()
 
 
-def _length(sample: dict) -> int:
-    """Tokens of a sample's sequence: its text tokens and its images' patches."""
-    n = 0
-    for seg in sample["segments"]:
-        if isinstance(seg, ImageSegment):
-            n += seg.latent.shape[-2] * seg.latent.shape[-1] // 4 + 2  # 2x2 patches, <boi> and <eoi>
-        else:
-            n += len(seg)
-    return n
+def _length(sample: dict, patch: int) -> int:
+    """Tokens of a sample's sequence: its text tokens, and its images' patches with <boi> and <eoi>."""
+    return sum(seg.latent.shape[-2] // patch * (seg.latent.shape[-1] // patch) + 2
+               if isinstance(seg, ImageSegment) else len(seg) for seg in sample["segments"])
