@@ -205,3 +205,31 @@ def test_resume_refuses_a_run_it_would_not_continue(tmp_path, checkpoint_dir, on
     (old / "trainer_state.pt").write_bytes(b"")
     assert cli(_args(checkpoint_dir, old) + ["--resume"]) != 0
     assert "older xfusion-serve's state" in capsys.readouterr().err
+
+
+FAILING_SOURCE = """
+import os, sys
+from xfusion_serve.demo.data import ShapesDataset
+from xfusion_serve.training.trainer import CaptionSamples, TrainConfig, train
+
+class FailsOnRankOne(CaptionSamples):
+    def batch(self, step, indices):
+        if step == 1 and os.environ["RANK"] == "1":
+            raise OSError("rank one's data went away")
+        return super().batch(step, indices)
+
+cfg = TrainConfig(checkpoint=sys.argv[1], out=sys.argv[2], steps=3, batch_size=4, progress=False)
+train(cfg, samples=FailsOnRankOne(cfg, ShapesDataset(8, seed=0)))
+"""
+
+
+def test_a_data_error_on_one_process_stops_every_process(tmp_path, checkpoint_dir):
+    script = tmp_path / "run.py"
+    script.write_text(FAILING_SOURCE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(checkpoint_dir), str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)  # a process left waiting for the other would hang until the timeout
+    assert proc.returncode != 0
+    assert "rank one's data went away" in proc.stderr
+    assert "another process could not read its data at step 1" in proc.stderr
