@@ -3,20 +3,15 @@ trains and resumes but is never served, and with it off nothing changes."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from alignment_models import make_tiny_encoder
 from conftest import make_text_tower, make_vae
 from safetensors.torch import load_file
+from train_runs import assert_same_weights, torchrun, train_args, train_log, weights
 
 from xfusion_serve.cli import main as cli
 from xfusion_serve.model.checkpoint import init_checkpoint
-from xfusion_serve.training.trainer import LOG_FILE
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +23,14 @@ def parts(tmp_path_factory):
 
 
 def _args(ckpt, out, encoder=None, **extra) -> list[str]:
-    opts = {"steps": 4, "batch-size": 8, "shapes-size": 32, "lr": 1e-3, "warmup-steps": 1, "log-every": 1} | extra
-    args = ["train", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
-    args += [x for k, v in opts.items() for x in (f"--{k}", str(v))]
-    return args + (["--align-encoder", str(encoder), "--align-layer", "1"] if encoder else [])
-
-
-def _log(out):
-    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    return train_args(ckpt, out, **extra) + (["--align-encoder", str(encoder), "--align-layer", "1"] if encoder else [])
 
 
 def test_the_alignment_loss_falls_in_training_and_the_servable_tower_holds_no_mlp(tmp_path, parts):
     ckpt, encoder = parts
     out = tmp_path / "aligned"
     assert cli(_args(ckpt, out, encoder, steps=40, lr=5e-3)) == 0
-    align = [r["align"] for r in _log(out)]
+    align = [r["align"] for r in train_log(out)]
     assert len(align) == 40 and all(-1 <= a <= 1 for a in align)
     assert sum(align[-5:]) / 5 < sum(align[:5]) / 5 - 0.2, align  # it learns to align
     served = load_file(out / "vision_tower.safetensors")
@@ -53,27 +41,19 @@ def test_off_by_default_it_changes_nothing(tmp_path, parts):
     ckpt, encoder = parts
     plain, zero = tmp_path / "plain", tmp_path / "zero"
     assert cli(_args(ckpt, plain)) == 0
-    assert "align" not in _log(plain)[0]
+    assert "align" not in train_log(plain)[0]
     assert cli(_args(ckpt, zero, encoder, **{"align-weight": 0.0})) == 0  # on, weighted 0: the same weights
-    a, b = load_file(plain / "vision_tower.safetensors"), load_file(zero / "vision_tower.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+    assert_same_weights(weights(plain), weights(zero), atol=1e-6, rtol=1e-6)
 
 
 def test_two_fsdp_processes_align_as_one(tmp_path, parts):
     ckpt, encoder = parts
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(_args(ckpt, one, encoder)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "xfusion_serve.cli"] + _args(ckpt, two, encoder)
-    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for r1, r2 in zip(_log(one), _log(two), strict=True):
+    torchrun(_args(ckpt, two, encoder))
+    for r1, r2 in zip(train_log(one), train_log(two), strict=True):
         assert r1["align"] == pytest.approx(r2["align"], rel=1e-4, abs=1e-6)
-    a, b = load_file(one / "vision_tower.safetensors"), load_file(two / "vision_tower.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert_same_weights(weights(one), weights(two))
 
 
 def test_the_mlp_resumes_with_the_run(tmp_path, parts):
@@ -82,7 +62,7 @@ def test_the_mlp_resumes_with_the_run(tmp_path, parts):
     assert cli(_args(ckpt, straight, encoder)) == 0
     assert cli(_args(ckpt, resumed, encoder, steps=2)) == 0
     assert cli(_args(ckpt, resumed, encoder) + ["--resume"]) == 0
-    assert [r["align"] for r in _log(resumed)] == pytest.approx([r["align"] for r in _log(straight)], rel=1e-5)
+    assert [r["align"] for r in train_log(resumed)] == pytest.approx([r["align"] for r in train_log(straight)], rel=1e-5)
 
 
 def test_fsdp_alignment_with_a_source_that_encodes_as_it_goes(tmp_path, parts):
@@ -90,14 +70,9 @@ def test_fsdp_alignment_with_a_source_that_encodes_as_it_goes(tmp_path, parts):
     the demo's tasks here, with noised caption pictures whose clean latents the samples carry)."""
     ckpt, encoder = parts
     out = tmp_path / "tasks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "xfusion_serve.cli"] + _args(ckpt, out, encoder, steps=2, **{"batch-size": 4,
-                                                                               "dataset": "shapes-tasks",
-                                                                               "caption-max-noise": 0.5})
-    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(-1 <= r["align"] <= 1 and r["align"] != 0 for r in _log(out))
+    torchrun(_args(ckpt, out, encoder, steps=2, **{"batch-size": 4, "dataset": "shapes-tasks",
+                                                     "caption-max-noise": 0.5}))
+    assert all(-1 <= r["align"] <= 1 and r["align"] != 0 for r in train_log(out))
 
 
 def test_the_alignment_target_is_the_clean_image(parts):

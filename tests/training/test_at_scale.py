@@ -13,41 +13,13 @@ import pytest
 import torch
 from conftest import make_text_tower, make_vae
 from PIL import Image
-from safetensors.torch import load_file
+from train_runs import assert_same_weights, torchrun, train_args, train_log, weights
 
 from xfusion_serve.cli import main as cli
 from xfusion_serve.model.checkpoint import init_checkpoint, load_checkpoint
 from xfusion_serve.training.parallel import checkpoint_blocks
 from xfusion_serve.training.saving import STATE_POINTER
-from xfusion_serve.training.trainer import LOG_FILE, TrainConfig, TrainStep, make_sample, train
-
-
-def _args(ckpt, out, **extra) -> list[str]:
-    opts = {"steps": 4, "batch-size": 8, "shapes-size": 32, "lr": 1e-3, "warmup-steps": 1, "log-every": 1} | extra
-    return ["train", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"] + [
-        x for k, v in opts.items() for x in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-
-
-def _torchrun(args: list[str], processes: int = 2) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "xfusion_serve.cli"] + args
-    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _weights(out):
-    return load_file(out / "vision_tower.safetensors")
-
-
-def _log(out):
-    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
-
-
-def _same(a, b, atol=1e-5, rtol=1e-4):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+from xfusion_serve.training.trainer import TrainConfig, TrainStep, make_sample, train
 
 
 @pytest.fixture(scope="module")
@@ -62,29 +34,29 @@ def checkpoint_dir(tmp_path_factory):
 def one_process(tmp_path_factory, checkpoint_dir):
     """The reference: 4 steps of a global batch of 8 in one process, one micro-batch."""
     out = tmp_path_factory.mktemp("one") / "out"
-    assert cli(_args(checkpoint_dir, out)) == 0
+    assert cli(train_args(checkpoint_dir, out)) == 0
     return out
 
 
 @pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
 def test_two_processes_reach_the_weights_of_one(tmp_path, checkpoint_dir, one_process, sharding):
     two = tmp_path / "two"
-    _torchrun(_args(checkpoint_dir, two, sharding=sharding))
-    _same(_weights(one_process), _weights(two))
-    for r1, r2 in zip(_log(one_process), _log(two), strict=True):
+    torchrun(train_args(checkpoint_dir, two, sharding=sharding))
+    assert_same_weights(weights(one_process), weights(two))
+    for r1, r2 in zip(train_log(one_process), train_log(two), strict=True):
         assert r1["ar"] == pytest.approx(r2["ar"], rel=1e-4) and r1["dm"] == pytest.approx(r2["dm"], rel=1e-4)
         assert r1["tokens"] == r2["tokens"]  # every process's tokens counted once
 
 
 def test_a_resumed_fsdp_run_equals_a_straight_one(tmp_path, checkpoint_dir, one_process):
     resumed = tmp_path / "resumed"
-    _torchrun(_args(checkpoint_dir, resumed, steps=2))
+    torchrun(train_args(checkpoint_dir, resumed, steps=2))
     first = json.loads((resumed / STATE_POINTER).read_text())
     assert first["step"] == 2 and (resumed / first["dir"]).is_dir()
-    _torchrun(_args(checkpoint_dir, resumed, steps=4) + ["--resume"])
-    _same(_weights(one_process), _weights(resumed))
-    assert [r["step"] for r in _log(resumed)] == [0, 1, 2, 3]
-    assert [r["tokens"] for r in _log(resumed)] == [r["tokens"] for r in _log(one_process)]
+    torchrun(train_args(checkpoint_dir, resumed, steps=4) + ["--resume"])
+    assert_same_weights(weights(one_process), weights(resumed))
+    assert [r["step"] for r in train_log(resumed)] == [0, 1, 2, 3]
+    assert [r["tokens"] for r in train_log(resumed)] == [r["tokens"] for r in train_log(one_process)]
     state = json.loads((resumed / STATE_POINTER).read_text())
     assert state["step"] == 4 and not (resumed / first["dir"]).exists()  # the older state is gone
 
@@ -92,28 +64,28 @@ def test_a_resumed_fsdp_run_equals_a_straight_one(tmp_path, checkpoint_dir, one_
 @pytest.mark.parametrize("accum", [2, 4])
 def test_micro_batches_equal_one_batch(tmp_path, checkpoint_dir, one_process, accum):
     out = tmp_path / f"accum{accum}"
-    assert cli(_args(checkpoint_dir, out, **{"grad-accum": accum})) == 0
-    _same(_weights(one_process), _weights(out))
+    assert cli(train_args(checkpoint_dir, out, **{"grad-accum": accum})) == 0
+    assert_same_weights(weights(one_process), weights(out))
 
 
 def test_fsdp_with_micro_batches_and_activation_checkpointing(tmp_path, checkpoint_dir, one_process):
     out = tmp_path / "all"
-    _torchrun(_args(checkpoint_dir, out, **{"grad-accum": 2, "activation-checkpointing": True}))
-    _same(_weights(one_process), _weights(out))
+    torchrun(train_args(checkpoint_dir, out, **{"grad-accum": 2, "activation-checkpointing": True}))
+    assert_same_weights(weights(one_process), weights(out))
 
 
 def test_activation_checkpointing_changes_no_gradient(tmp_path, checkpoint_dir, one_process):
     out = tmp_path / "ac"
-    assert cli(_args(checkpoint_dir, out, **{"activation-checkpointing": True})) == 0
-    _same(_weights(one_process), _weights(out), atol=1e-6, rtol=1e-6)
+    assert cli(train_args(checkpoint_dir, out, **{"activation-checkpointing": True})) == 0
+    assert_same_weights(weights(one_process), weights(out), atol=1e-6, rtol=1e-6)
 
 
 def test_a_token_budget_stops_the_run_and_the_log_counts_tokens(tmp_path, checkpoint_dir, one_process):
-    tokens = [r["tokens"] for r in _log(one_process)]
+    tokens = [r["tokens"] for r in train_log(one_process)]
     assert 0 < tokens[0] < tokens[1] < tokens[2] < tokens[3]  # running totals
     out = tmp_path / "budget"
-    assert cli(_args(checkpoint_dir, out, steps=50, **{"max-tokens": _log(one_process)[1]["tokens"]})) == 0
-    rows = _log(out)
+    assert cli(train_args(checkpoint_dir, out, steps=50, **{"max-tokens": train_log(one_process)[1]["tokens"]})) == 0
+    rows = train_log(out)
     assert [r["step"] for r in rows] == [0, 1]  # stopped once the budget was reached, after the second step
     assert json.loads((out / STATE_POINTER).read_text())["step"] == 2 and (out / "vision_tower.safetensors").is_file()
     assert all(r["tok_s"] > 0 for r in rows)
@@ -127,7 +99,7 @@ def test_bad_scale_options_are_refused(bad, match):
 
 
 def test_a_batch_that_does_not_split_is_refused_before_anything_is_written(tmp_path, checkpoint_dir, capsys):
-    assert cli(_args(checkpoint_dir, tmp_path / "x", **{"grad-accum": 3})) != 0
+    assert cli(train_args(checkpoint_dir, tmp_path / "x", **{"grad-accum": 3})) != 0
     assert "batch_size 8 must be a multiple of processes x grad_accum (1 x 3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -159,8 +131,8 @@ def _eval_rows(out):
 def test_periodic_evaluation_writes_drawings_captions_and_losses(tmp_path, checkpoint_dir):
     out = tmp_path / "evaluated"
     prompts = ["a red circle", "a blue square"]
-    assert cli(_args(checkpoint_dir, out, **{"eval-every": 2}) + ["--eval-prompts", *prompts]) == 0
-    rows, log = _eval_rows(out), _log(out)
+    assert cli(train_args(checkpoint_dir, out, **{"eval-every": 2}) + ["--eval-prompts", *prompts]) == 0
+    rows, log = _eval_rows(out), train_log(out)
     assert [r["step"] for r in rows] == [2, 4]  # after every 2 steps; the last is step 4
     for r in rows:
         assert r["prompts"] == prompts and len(r["captions"]) == 2 and all(isinstance(c, str) for c in r["captions"])
@@ -176,15 +148,15 @@ def test_periodic_evaluation_writes_drawings_captions_and_losses(tmp_path, check
 def test_fsdp_processes_evaluate_together(tmp_path, checkpoint_dir):
     """Every process takes part in each evaluation's forwards (FSDP gathers weights): no hang, one writer."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = _args(checkpoint_dir, one, **{"eval-every": 4}) + ["--eval-prompts", "a red circle"]
+    extra = train_args(checkpoint_dir, one, **{"eval-every": 4}) + ["--eval-prompts", "a red circle"]
     assert cli(extra) == 0
-    _torchrun(_args(checkpoint_dir, two, **{"eval-every": 4}) + ["--eval-prompts", "a red circle"])
+    torchrun(train_args(checkpoint_dir, two, **{"eval-every": 4}) + ["--eval-prompts", "a red circle"])
     (a,), (b,) = _eval_rows(one), _eval_rows(two)
     assert a["captions"] == b["captions"] and len(b["images"]) == 1
 
 
 def test_evaluation_without_prompts_or_an_evaluator_is_refused(tmp_path, checkpoint_dir, capsys):
-    assert cli(_args(checkpoint_dir, tmp_path / "x", **{"eval-every": 2})) != 0
+    assert cli(train_args(checkpoint_dir, tmp_path / "x", **{"eval-every": 2})) != 0
     assert "--eval-every needs --eval-prompts" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval_every needs an evaluator"):
         train(TrainConfig(checkpoint=str(checkpoint_dir), out=str(tmp_path / "y"), eval_every=2), data=[])
@@ -198,12 +170,12 @@ def test_resume_refuses_a_run_it_would_not_continue(tmp_path, checkpoint_dir, on
     out = tmp_path / "other"
     shutil.copytree(one_process, out)
     for option, value in [("batch-size", 4), ("seed", 7), ("shapes-size", 16)]:
-        assert cli(_args(checkpoint_dir, out, steps=6, **{option: value}) + ["--resume"]) != 0
+        assert cli(train_args(checkpoint_dir, out, steps=6, **{option: value}) + ["--resume"]) != 0
         assert f"{option.replace('-', '_')}: saved" in capsys.readouterr().err
     old = tmp_path / "old"
     old.mkdir()
     (old / "trainer_state.pt").write_bytes(b"")
-    assert cli(_args(checkpoint_dir, old) + ["--resume"]) != 0
+    assert cli(train_args(checkpoint_dir, old) + ["--resume"]) != 0
     assert "older xfusion-serve's state" in capsys.readouterr().err
 
 
