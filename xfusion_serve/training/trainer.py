@@ -9,7 +9,6 @@ batch and reach the same weights.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import resource
@@ -38,7 +37,6 @@ from .parallel import (World, checkpoint_blocks, distribute, gradient_sync, join
 from .samples import noised_target
 from .saving import check_resumable, export_vision_tower, has_state, load_state, save_state
 
-log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -214,8 +212,8 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
         tokens, trained = tokens + int(counts[2]), trained + int(counts[2])
         done = step + 1 == cfg.steps or (cfg.max_tokens is not None and tokens >= cfg.max_tokens)
         evaluating = evaluator is not None and due(step, cfg.eval_every, done)
-        logging = step % cfg.log_every == 0 or step + 1 == cfg.steps
-        if logging or evaluating:
+        logged = step % cfg.log_every == 0 or step + 1 == cfg.steps
+        if logged or evaluating:
             stats = _all_sum([float(ar_total), float(dm_total), float(align_total)], world)  # shares of each
             now = time.perf_counter()
             row = {"step": step, "ar": stats[0].item(), "dm": stats[1].item(), "lr": lr_at(cfg, step),
@@ -224,7 +222,7 @@ def train(cfg: TrainConfig, data: CaptionDataset | None = None, samples: SampleS
                    "peak_memory_gib": round(_peak_memory(world) / 2**30, 3)}
             bar.set_postfix(ar=f"{row['ar']:.3f}", dm=f"{row['dm']:.3f}", lr=f"{row['lr']:.2e}",
                             tok_s=f"{row['tok_s']:.0f}")
-            if logging and world.rank == 0:
+            if logged and world.rank == 0:
                 with open(Path(cfg.out) / LOG_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if evaluating:
