@@ -40,10 +40,15 @@ class World:
         return self.size > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from the environment, as torchrun sets them; (0, 1) without."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def join_world(device: str) -> World:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or none for one process.
     device: "auto" (cuda if any), "cpu", "cuda". NCCL on CUDA, gloo on the CPU."""
-    size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    rank, size = rank_and_world()
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if size > 1:
         if dev.type == "cuda":

@@ -17,7 +17,8 @@ from ..model.checkpoint import Checkpoint
 from ..model.latents import encode_pixels
 from .latent_cache import LatentCache
 from .order import ordered
-from .streaming import Stream, dataset_kind, pixel_loader, rank_and_world
+from .parallel import rank_and_world
+from .streaming import Stream, dataset_kind, pixel_loader
 from .trainer import SampleSource, TrainConfig, sample_from
 
 

@@ -20,7 +20,6 @@ num_workers (reading is repeated per worker, decoding is not).
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..model.latents import images_to_tensor
 from .order import ordered
+from .parallel import rank_and_world
 
 CACHE_MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -68,11 +68,6 @@ def dataset_kind(path: str | Path) -> str:
         return "webdataset"
     raise ValueError(f"{path}: not a dataset: no captions.jsonl, metadata.jsonl, {CACHE_MANIFEST}, "
                      "*.parquet or *.tar in it")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) from the environment, as torchrun sets them; (0, 1) without."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class Stream:
