@@ -99,7 +99,8 @@ def distribute(step: nn.Module, model: XFusionModel, world: World, sharding: str
         raise RuntimeError(f"FSDP2 sharding needs a torch whose FSDPModule has set_reduce_scatter_unused_params "
                            f"(this is {torch.__version__}); use --sharding ddp")
     mesh = init_device_mesh(world.device.type, (world.size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     for block in [*model.text.model.layers, *model.vision.layers]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
         register_fsdp_forward_method(block, "serve_rows")  # the model calls blocks through it, not forward
@@ -125,7 +126,8 @@ def load_shards(model: XFusionModel, ckpt: Checkpoint, world: World) -> None:
                 where.update({f"{tower}.{key}": (file, key) for key in fh.keys()})
     for name, param in model.named_parameters():
         if name not in where:
-            raise CheckpointError(f"{ckpt.path}: no tensor for parameter {name!r} in {sorted(set(f for f, _ in where.values()))}")
+            files = sorted({str(f) for f, _ in where.values()})
+            raise CheckpointError(f"{ckpt.path}: no tensor for parameter {name!r} in {files}")
         file, key = where[name]
         with safe_open(file, framework="pt") as fh:
             rows = fh.get_slice(key)
