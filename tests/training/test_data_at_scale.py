@@ -46,12 +46,14 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def make_folder(root):
+def make_folder(root, index: str = "captions.jsonl", file_key: str = "file"):
+    """The images and a JSONL naming them: ours (captions.jsonl, "file") or datasets' imagefolder
+    (metadata.jsonl, "file_name")."""
     root.mkdir()
     for i in range(len(CAPTIONS)):
         (root / f"{i}.png").write_bytes(_png(i))
-    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": c}) + "\n"
-                                                 for i, c in enumerate(CAPTIONS)))
+    (root / index).write_text("".join(json.dumps({file_key: f"{i}.png", "caption": c}) + "\n"
+                                      for i, c in enumerate(CAPTIONS)))
     return root
 
 
@@ -66,12 +68,7 @@ def make_parquet(root, files: int = 2):
 
 
 def make_imagefolder(root):
-    root.mkdir()
-    for i in range(len(CAPTIONS)):
-        (root / f"{i}.png").write_bytes(_png(i))
-    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": c}) + "\n"
-                                                 for i, c in enumerate(CAPTIONS)))
-    return root
+    return make_folder(root, "metadata.jsonl", "file_name")
 
 
 def make_webdataset(root, files: int = 2, json_captions: bool = False):
