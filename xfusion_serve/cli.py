@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace) -> None:
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
                        access_log=args.access_log is not False, allowed_image_domains=args.allowed_image_domains or [],
-                       compute_threads=args.threads))
+                       compute_threads=args.threads, engine_process=args.engine_process))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=_env("THREADS", None, int),
                    help="torch's compute threads on the CPU (default: every usable core but one, which serves the "
                         "API; OMP_NUM_THREADS, when set, is kept)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                   default=_env("ENGINE_PROCESS", True, _flag),
+                   help="the engine in a process of its own, so that it and the API server do not share one GIL "
+                        "(default); --no-engine-process: on a thread of the server's process")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

@@ -83,25 +83,18 @@ class AsyncEngine:
         request_id = None
         try:
             request_id = await sub.ready  # raises what adding raised (bad input)
-            while True:
-                ev = await sub.events.get()
-                # A consumer that fell behind gets the tokens waiting for it as one event (vLLM's stream
-                # interval, but only when behind): one chunk to serialise and send instead of several.
-                while ev.kind == "token" and not sub.events.empty():
-                    nxt = sub.events.get_nowait()
-                    if nxt.kind != "token":
-                        yield ev
-                        ev = nxt
-                        break
-                    ev = ev.merged(nxt)
+            async for ev in events_of(sub.events):
                 yield ev
-                if ev.kind == "done":
-                    return
         finally:
             if request_id is None and sub.ready.done() and not sub.ready.cancelled() and not sub.ready.exception():
                 request_id = sub.ready.result()  # left while the request was being added
             if request_id in self._streams:  # the consumer left early: free what the request holds
                 self._cancels.put(request_id)
+
+    async def call(self, fn: Callable[[Engine, StepObserver | None], object]) -> object:
+        """fn(engine, observer) -> its result, run here (on the caller's thread): for what may read the engine
+        while it steps, such as rendering the metrics, which are thread-safe."""
+        return fn(self.engine, self.metrics)
 
     # ---- engine thread -----------------------------------------------------------------------------------
     def _deliver(self, sub: _Submit, ev: Event) -> None:
@@ -185,6 +178,24 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self.running and self._thread.is_alive()
+
+
+async def events_of(events: asyncio.Queue) -> AsyncIterator[Event]:
+    """A request's events from its queue, until its done event. A consumer that fell behind gets the token
+    events waiting for it as one (vLLM's stream interval, but only when behind): one chunk to serialise and
+    send instead of several."""
+    while True:
+        ev = await events.get()
+        while ev.kind == "token" and not events.empty():
+            nxt = events.get_nowait()
+            if nxt.kind != "token":
+                yield ev
+                ev = nxt
+                break
+            ev = ev.merged(nxt)
+        yield ev
+        if ev.kind == "done":
+            return
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:

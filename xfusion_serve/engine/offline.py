@@ -41,3 +41,10 @@ class OfflineAPI:
         ids = [self.add_image(p, seed=s, **kw) for p, s in zip(prompt_texts, seeds)]
         done = self.run(ids)
         return [im for i in ids for im in done[i].images]
+
+    def warm_up(self) -> None:
+        """One short request of each kind (chat, caption, image) through every path, before serving."""
+        ids = [self.add_text(self.tokenizer("hello").input_ids, SamplingParams(max_tokens=2)),
+               self.add_caption(Image.new("RGB", (64, 64), "white"), None, SamplingParams(max_tokens=2)),
+               self.add_image("warm up", steps=1, seed=0)]
+        self.run(ids)

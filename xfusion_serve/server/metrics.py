@@ -114,3 +114,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def render_metrics(engine: Engine, metrics: Metrics | None) -> bytes:
+    """What /metrics asks of the engine (AsyncEngine.call / EngineProcess.call): its observer's text."""
+    return metrics.render() if metrics is not None else b""

@@ -4,8 +4,11 @@ conversations with pictures anywhere; text or image answers), /v1/completions (r
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Request
 
+from ..engine.engine import Engine
 from .chat import chat_response
 from .logprobs import TokenTexts
 from .openai_schemas import OAIChatRequest, OAICompletionRequest, OpenAIFields
@@ -57,7 +60,7 @@ async def completions(body: OAICompletionRequest, request: Request):
         return base | {"choices": [{"index": k["index"], "text": k["text"] or "", "finish_reason": k["finish"],
                                     "logprobs": lp}]}
 
-    adds = [lambda e, i=i: e.add_text(ids, sampling_params(body, i, body.logprobs)) for i in range(body.n)]
+    adds = [partial(Engine.add_text, prompt=ids, params=sampling_params(body, i, body.logprobs)) for i in range(body.n)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await text_response(request, adds, body.stream, shape, include_usage)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -63,8 +64,7 @@ async def caption(request: Request):
     body, image = await _caption_body(request)
     params = sampling_params(body)
 
-    def add(engine: Engine) -> str:
-        return engine.add_caption(image, body.prompt, params)
+    add = partial(Engine.add_caption, image=image, instruction=body.prompt, params=params)
 
     def shape(kind, **k):
         if kind == "id":
@@ -108,7 +108,7 @@ async def generate_image(body: ImageRequest, request: Request):
 async def metrics(request: Request):
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(server_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await server_of(request).render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -4,18 +4,22 @@ app.state.server (no module-level globals): the engine, the tokenizer, the train
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
 from ..engine.async_engine import AsyncEngine
 from ..engine.config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
 from ..engine.engine import Engine
-from ..engine.text_sampling import SamplingParams
-from ..model.checkpoint import EMBEDDED_CHECKPOINT
+from ..engine.engine_process import EngineProcess, EngineSpec
+from ..model.checkpoint import EMBEDDED_CHECKPOINT, load_checkpoint
 from ..model.config import ImageAnswer
 from ..model.latents import decode_latents
-from .metrics import Metrics
+from .metrics import Metrics, render_metrics
 from .schemas import image_to_base64
 from .serving import APIError
 
@@ -35,6 +39,9 @@ class ServerConfig:
     allowed_image_domains: list[str] = field(default_factory=list)  # http(s) image_url hosts; none by default
     # torch's intra-op threads on the CPU; None: every usable core but one (see compute_threads)
     compute_threads: int | None = None
+    # The engine in a process of its own (engine/engine_process.py), so that the API server and the engine
+    # do not share one GIL; False: on a thread of the server's process (an Engine given to create_app always is).
+    engine_process: bool = True
 
     def __post_init__(self):
         if self.compute_threads is not None and self.compute_threads < 1:
@@ -77,6 +84,9 @@ class ServerState:
         self.image_answer = ImageAnswer()  # how the checkpoint answers with an image (text first or not)
         self.started = int(time.time())
         self.vae = None
+        self._vae_lock = threading.Lock()
+        self._api_registry = CollectorRegistry()  # this process's memory and CPU, beside the engine process's
+        ProcessCollector(namespace="xfusion_api_server", registry=self._api_registry)
         self.ready = False
         self.admitting = 0  # queue places promised to requests whose bodies are still being read
 
@@ -97,32 +107,48 @@ class ServerState:
                            param="model")
 
     def preview_b64(self, latents) -> list[str]:
+        """Scaled latents [n, C, h, w] -> PNGs as base64. The engine process keeps its VAE to itself: this
+        process loads one (on the CPU, float32) at the first preview asked for."""
+        with self._vae_lock:
+            if self.vae is None:
+                self.vae = load_checkpoint(self.checkpoint, load_weights=False).vae
         return [image_to_base64(im) for im in decode_latents(self.vae, latents)]
 
     def load(self, engine: Engine | None = None) -> None:
-        engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
-        self.tokenizer = engine.tokenizer
-        self.trained_sizes = [tuple(s) for s in engine.ckpt.config.image_sizes]
-        self.default_steps = engine.ckpt.config.sampler.steps
-        self.image_answer = engine.ckpt.config.image_answer
-        self.vae = engine.ckpt.vae
-        warm_up(engine)
-        self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
-        self.engine = AsyncEngine(engine, self.metrics)
+        """Loads the model: `engine` given (tests, embedders) or engine_process False: on a thread of this
+        process; else in an engine process, this one keeping only the tokenizer and the configuration."""
+        if engine is None and self.config.engine_process:
+            ckpt = load_checkpoint(self.checkpoint, load_vae=False, load_weights=False)
+            self._describe(ckpt)
+            self.engine = EngineProcess(EngineSpec(str(self.checkpoint), self.config.engine,
+                                                   torch.get_num_threads(), Metrics))
+        else:
+            engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
+            self._describe(engine.ckpt)
+            self.vae = engine.ckpt.vae
+            engine.warm_up()
+            self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
+            self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
         self.ready = True
+
+    def _describe(self, ckpt) -> None:
+        self.tokenizer = ckpt.tokenizer
+        self.trained_sizes = [tuple(s) for s in ckpt.config.image_sizes]
+        self.default_steps = ckpt.config.sampler.steps
+        self.image_answer = ckpt.config.image_answer
+
+    async def render_metrics(self) -> bytes:
+        """Prometheus' text: the engine's metrics (where it runs), and this process's own memory and CPU when
+        the engine runs in a process of its own."""
+        if self.engine is None or not self.engine.alive:
+            return self.metrics.render()
+        body = await self.engine.call(render_metrics)
+        if isinstance(self.engine, EngineProcess):
+            body += generate_latest(self._api_registry)
+        return body
 
     def close(self) -> None:
         self.ready = False
         if self.engine is not None:
             self.engine.shutdown()
-
-
-def warm_up(engine: Engine) -> None:
-    """One request of each kind through every path before the server says it is ready."""
-    from PIL import Image
-
-    ids = [engine.add_text(engine.tokenizer("hello").input_ids, SamplingParams(max_tokens=2)),
-           engine.add_caption(Image.new("RGB", (64, 64), "white"), None, SamplingParams(max_tokens=2)),
-           engine.add_image("warm up", steps=1, seed=0)]
-    engine.run(ids)

@@ -1,0 +1,186 @@
+"""The engine in a process of its own (engine/engine_process.py): the same answers as the engine stepped here,
+a client that leaves frees its request there, bad input and unpicklable requests refused clearly, and a dead
+or failing engine process fails every request instead of leaving it waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from functools import partial
+
+import pytest
+from PIL import Image
+from test_engine import make_engine
+
+from xfusion_serve import Engine, EngineConfig, SamplingParams
+from xfusion_serve.engine.async_engine import EngineFailed
+from xfusion_serve.engine.engine_process import EngineProcess, EngineSpec
+
+PROMPT = [2, 7, 9, 11]
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def started(checkpoint) -> EngineProcess:
+    engine = EngineProcess(EngineSpec(str(checkpoint), EngineConfig(block_size=4), threads=1))
+    engine.start()
+    return engine
+
+
+async def collect(engine, add) -> list:
+    return [ev async for ev in engine.submit(add)]
+
+
+def live_requests(engine: Engine, observer) -> int:
+    return len(engine.requests)
+
+
+def fail_batches(engine: Engine, observer) -> None:
+    engine.fault_hook = _raise_in_batches
+
+
+def fail_steps(engine: Engine, observer) -> None:
+    engine.fault_hook = _raise_in
+
+
+def slow_decodes(engine: Engine, observer) -> None:
+    engine.fault_hook = _sleep_in_decode
+
+
+def _sleep_in_decode(phase: str, requests: list) -> None:
+    if phase == "decode":
+        time.sleep(0.05)
+
+
+def heal(engine: Engine, observer) -> None:
+    engine.fault_hook = None
+
+
+def _raise_in_batches(phase: str, requests: list) -> None:
+    if phase != "schedule":
+        _raise_in(phase, requests)
+
+
+def _raise_in(phase: str, requests: list) -> None:
+    raise RuntimeError(f"planted {phase} failure")
+
+
+@pytest.fixture
+def engine_process(random_checkpoint_dir):
+    engine = started(random_checkpoint_dir)
+    yield engine
+    engine.shutdown()
+
+
+def test_text_images_and_captions_are_those_of_the_engine_stepped_here(random_checkpoint_dir, engine_process):
+    picture = Image.new("RGB", (16, 16), (200, 30, 30))
+    adds = [partial(Engine.add_text, prompt=PROMPT, params=GREEDY),
+            partial(Engine.add_caption, image=picture, instruction=None, params=GREEDY),
+            partial(Engine.add_image, prompt="a red circle", steps=3, seed=5)]
+
+    async def all_of():
+        return await asyncio.gather(*(collect(engine_process, add) for add in adds))
+
+    remote = asyncio.run(all_of())
+    local = make_engine(random_checkpoint_dir)
+    ids = [add(local) for add in adds]
+    here: dict[str, list] = {}
+    while local.has_work():
+        for ev in local.step():
+            here.setdefault(ev.request_id, []).append(ev)
+    for events, rid in zip(remote, ids):  # token events may come joined (a consumer behind): compare the sums
+        assert summary(events) == summary(here[rid])
+    assert len([t for ev in remote[0] for t in ev.token_ids]) == 12
+    images, expected = remote[2][-1].images, here[ids[2]][-1].images
+    assert len(images) == 1 and [im.tobytes() for im in images] == [im.tobytes() for im in expected]
+    assert [ev.step for ev in remote[2] if ev.kind == "step"] == [1, 2, 3]
+    assert engine_process.load() == (0, 0)
+
+
+def summary(events: list) -> tuple:
+    return ([t for ev in events for t in ev.token_ids], "".join(ev.text for ev in events if ev.kind == "token"),
+            [(ev.kind, ev.step, ev.finish_reason, ev.text) for ev in events if ev.kind != "token"])
+
+
+def test_a_client_that_leaves_frees_its_request_in_the_engine_process(engine_process):
+    async def leave_after_two() -> int:
+        await engine_process.call(slow_decodes)  # 50 ms a step: the ~250 tokens left would take 12 s
+        n = 0
+        async for ev in engine_process.submit(partial(Engine.add_text, prompt=PROMPT,
+                                                      params=SamplingParams(max_tokens=500, ignore_eos=True))):
+            n += len(ev.token_ids)
+            if n >= 2:
+                break
+        for _ in range(30):  # the cancel crosses the pipe and is handled between two steps
+            if await engine_process.call(live_requests) == 0:
+                return n
+            await asyncio.sleep(0.05)
+        return -1
+
+    assert asyncio.run(leave_after_two()) >= 2
+    assert engine_process.load() == (0, 0)
+
+
+def test_bad_input_is_refused_to_its_caller_and_the_engine_serves_on(engine_process):
+    async def bad_then_good():
+        with pytest.raises(ValueError, match="size"):
+            await collect(engine_process, partial(Engine.add_image, prompt="x", size=(40, 40)))
+        return await collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY))
+
+    assert asyncio.run(bad_then_good())[-1].finish_reason == "length"
+    assert engine_process.alive
+
+
+def test_a_request_that_cannot_cross_to_the_engine_process_is_a_clear_type_error(engine_process):
+    with pytest.raises(TypeError, match="picklable"):
+        asyncio.run(collect(engine_process, lambda e: e.add_text(PROMPT, GREEDY)))
+    assert engine_process.load() == (0, 0) and engine_process.alive
+
+
+def test_a_failed_batch_fails_its_request_and_the_engine_serves_on(engine_process):
+    async def scenario():
+        await engine_process.call(fail_batches)
+        failed = await collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY))
+        await engine_process.call(heal)
+        return failed[-1], await collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY))
+
+    failed, served = asyncio.run(scenario())
+    assert failed.finish_reason == "error" and "planted prefill failure" in failed.error
+    assert served[-1].finish_reason == "length" and engine_process.alive
+
+
+def test_a_failure_that_escapes_a_step_fails_the_requests_and_refuses_new_ones(engine_process):
+    async def scenario():
+        stream = engine_process.submit(partial(Engine.add_text, prompt=PROMPT,
+                                               params=SamplingParams(max_tokens=100000, ignore_eos=True)))
+        first = await anext(stream)
+        await engine_process.call(fail_steps)
+        return first, [ev async for ev in stream]
+
+    first, rest = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert first.kind == "token"
+    assert rest[-1].finish_reason == "error" and "planted schedule failure" in rest[-1].error
+    assert not engine_process.alive and "planted schedule failure" in engine_process.failure
+    with pytest.raises(EngineFailed, match="planted schedule failure"):
+        asyncio.run(collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY)))
+
+
+def test_a_killed_engine_process_ends_every_stream_with_an_error(engine_process):
+    async def scenario():
+        stream = engine_process.submit(partial(Engine.add_text, prompt=PROMPT,
+                                               params=SamplingParams(max_tokens=100000, ignore_eos=True)))
+        first = await anext(stream)
+        os.kill(engine_process._proc.pid, signal.SIGKILL)
+        return first, [ev async for ev in stream]
+
+    first, rest = asyncio.run(asyncio.wait_for(scenario(), 60))  # a stream left waiting fails, not hangs
+    assert first.kind == "token"
+    assert rest[-1].finish_reason == "error" and "exit code -9" in rest[-1].error
+    assert not engine_process.alive and "exit code -9" in engine_process.failure
+
+
+def test_an_engine_process_that_cannot_load_says_why(tmp_path):
+    engine = EngineProcess(EngineSpec(str(tmp_path / "missing"), EngineConfig()))
+    with pytest.raises(EngineFailed, match="failed to start: .*missing"):
+        engine.start()

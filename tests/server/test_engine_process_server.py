@@ -1,0 +1,109 @@
+"""Every inference route answers the same with the engine in a process of its own (the default of `serve`) as
+with the engine on a thread of the server: each route's request crosses the pipe (it must pickle), its
+events come back, previews are decoded in the API process, and /metrics carries both processes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_engine import make_engine
+
+from xfusion_serve import EngineConfig
+from xfusion_serve.server.app import create_app
+from xfusion_serve.server.state import ServerConfig
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+URI = "data:image/png;base64," + base64.b64encode(png((200, 40, 40))).decode()
+PICTURE_QUESTION = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": URI}},
+                                                  {"type": "text", "text": "what is it"}]}]
+JSON_ROUTES = [
+    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "n": 2, "logprobs": 2, "ignore_eos": True,
+                          "seed": 11}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
+                              "ignore_eos": True, "temperature": 0}),
+    ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "max_tokens": 6, "ignore_eos": True, "seed": 2}),
+    ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "modalities": ["image"], "num_inference_steps": 2,
+                              "seed": 5}),
+    ("/v1/chat", {"messages": PICTURE_QUESTION, "modalities": ["text", "image"], "max_tokens": 4, "steps": 2,
+                  "seed": 3, "temperature": 0}),
+    ("/v1/caption", {"image": base64.b64encode(png((20, 20, 200))).decode(), "max_tokens": 6, "temperature": 0}),
+    ("/v1/generate-image", {"prompt": "a red circle", "steps": 2, "seed": 7, "n": 2}),
+    ("/v1/images/generations", {"prompt": "a blue square", "num_inference_steps": 2, "seed": 9}),
+]
+STREAMS = [
+    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "ignore_eos": True, "stream": True, "temperature": 0}),
+    ("/v1/generate-image", {"prompt": "a red circle", "steps": 3, "seed": 7, "stream": True, "preview_every": 1}),
+]
+
+
+def comparable(body):
+    """A response without what differs between any two calls (ids, timestamps)."""
+    if isinstance(body, dict):
+        return {k: comparable(v) for k, v in body.items() if k not in ("id", "created")}
+    if isinstance(body, list):
+        return [comparable(v) for v in body]
+    return body
+
+
+def answers(client: TestClient) -> list:
+    out = []
+    for route, body in JSON_ROUTES:
+        r = client.post(route, json=body)
+        assert r.status_code == 200, (route, r.text)
+        out.append(comparable(r.json()))
+    r = client.post("/v1/images/edits", files=[("image", ("a.png", png((30, 160, 30)), "image/png"))],
+                    data={"prompt": "make it blue", "num_inference_steps": "2", "seed": "4"})
+    assert r.status_code == 200, r.text
+    out.append(comparable(r.json()))
+    for route, body in STREAMS:
+        lines = [line[6:] for line in client.post(route, json=body).text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        events = [comparable(json.loads(line)) for line in lines[:-1]]
+        if route == "/v1/completions":  # tokens may come joined when the client is behind: compare the text
+            events = ["".join(e["choices"][0]["text"] for e in events), events[-1]["choices"][0]["finish_reason"]]
+        out.append(events)
+    return out
+
+
+@pytest.fixture
+def both(random_checkpoint_dir):
+    threaded = create_app(ServerConfig(served_model_name="tiny"), engine=make_engine(random_checkpoint_dir))
+    process = create_app(ServerConfig(checkpoint=str(random_checkpoint_dir), served_model_name="tiny",
+                                      engine=EngineConfig(block_size=4)))
+    with TestClient(threaded) as t, TestClient(process) as p:
+        yield t, p
+
+
+def test_every_route_answers_the_same_from_the_engine_process(both):
+    threaded, process = both
+    assert process.app.state.server.engine.__class__.__name__ == "EngineProcess"
+    expected, got = answers(threaded), answers(process)
+    assert len(got) == len(JSON_ROUTES) + 1 + len(STREAMS)
+    for (route, _), a, b in zip(JSON_ROUTES + [("/v1/images/edits", None)] + STREAMS, expected, got):
+        assert a == b, route
+    previews = [e for e in got[-1] if e.get("images")]
+    assert len(previews) == 3, "one preview a step, decoded in the API process"
+
+
+def test_metrics_count_the_engine_process_work_and_both_processes_memory(both):
+    _, process = both
+    route, body = JSON_ROUTES[0]
+    assert process.post(route, json=body).status_code == 200
+    text = process.get("/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['xfusion_generation_tokens_total{task="text"}'] >= 16  # n=2 choices of 8 tokens
+    assert values["process_resident_memory_bytes"] > 0  # the engine process's
+    assert values["xfusion_api_server_process_resident_memory_bytes"] > 0
+    assert process.get("/health").json() == {"status": "ok"} and process.get("/ready").status_code == 200
