@@ -8,7 +8,9 @@ weights make texts short; each server takes `ignore_eos`), through streaming `/v
 usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
-xfusion-serve's engine in this process, with no HTTP: the same waves, for the HTTP overhead.
+xfusion-serve's engine in this process, with no HTTP: the same waves, for the HTTP overhead; "xfusion" is
+the server as it runs by default (its engine in a process of its own), "xfusion-thread" the server with its
+engine on a thread of its own process (`--no-engine-process`). RSS is the server's whole process tree.
 Set-up of the peers (first run, minutes): see benchmarks/peers.py. Not part of the test suite.
 """
 
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = InProcess(checkpoint, args.dtype)
         elif name == "xfusion":
             servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split())
+        elif name == "xfusion-thread":  # the engine on a thread of the server's process, sharing its GIL
+            servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split()
+                                          + ["--no-engine-process"])
         elif name == "vllm":
             servers[name] = peers.vllm(args.cache, text_dir, port, max(levels))
         elif name == "llama.cpp":
