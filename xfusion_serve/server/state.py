@@ -52,7 +52,7 @@ def compute_threads(config: ServerConfig, text_parameters: int, environ=os.envir
     """torch's intra-op threads for a serving process -> a count, or None to leave torch's own (every core).
 
     On the CPU a step's parallel regions wait for their slowest thread, so a compute thread that shares its core
-    with the event loop (sockets, JSON, the GIL) and the clients slows every step. For a small model, whose step
+    with the API server (its event loop: sockets, JSON) and the clients slows every step. For a small model, whose step
     is mostly Python and small multiplies, one usable core is kept for the API server, as vLLM's CPU backend
     keeps one for its scheduler (vllm/utils/ompmultiprocessing.py); a model of COMPILE_DECODE_ON_CPU_FROM
     text-tower parameters or more computes on every core, where its large batches need them.
