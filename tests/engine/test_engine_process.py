@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from functools import partial
 
@@ -184,3 +186,57 @@ def test_an_engine_process_that_cannot_load_says_why(tmp_path):
     engine = EngineProcess(EngineSpec(str(tmp_path / "missing"), EngineConfig()))
     with pytest.raises(EngineFailed, match="failed to start: .*missing"):
         engine.start()
+
+
+def hold(engine: Engine, observer) -> None:
+    time.sleep(1.0)  # the engine process reads nothing meanwhile
+
+
+def test_a_request_on_its_way_to_the_engine_process_counts_as_waiting(engine_process):
+    async def scenario():
+        held = asyncio.ensure_future(engine_process.call(hold))
+        await asyncio.sleep(0.2)  # the hold has reached the engine process, which is sleeping in it
+        stream = engine_process.submit(partial(Engine.add_text, prompt=PROMPT, params=GREEDY))
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        on_its_way = engine_process.load()
+        await held
+        await first
+        rest = [ev async for ev in stream]
+        return on_its_way, rest[-1] if rest else None
+
+    on_its_way, done = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert on_its_way == (0, 1)  # not yet added there: a place in the queue all the same (admission reads it)
+    assert done.kind == "done" and engine_process.load() == (0, 0)
+
+
+def test_a_step_that_fails_right_after_adding_a_request_ends_it_with_an_error(engine_process):
+    """The acknowledgement and the failure can reach the API process together: the request must end either
+    way, never wait."""
+    async def scenario():
+        await engine_process.call(fail_steps)  # the next step raises: the one right after the add
+        try:
+            events = await collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY))
+        except EngineFailed as e:
+            return str(e)
+        return events[-1].error
+
+    said = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert "planted schedule failure" in said and not engine_process.alive
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import sys
+from xfusion_serve import EngineConfig
+from xfusion_serve.engine.engine_process import EngineProcess, EngineSpec
+EngineProcess(EngineSpec(sys.argv[1], EngineConfig(block_size=4), threads=1)).start()
+print("started", flush=True)
+"""
+
+
+def test_a_process_that_exits_without_shutting_the_engine_down_still_exits(random_checkpoint_dir):
+    """The engine process ignores SIGTERM (the server drains first, then stops it), so an exit that skips the
+    server's shutdown (a second Ctrl-C) must stop it, not wait on it forever."""
+    run = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_SHUTDOWN, str(random_checkpoint_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "started" in run.stdout, run.stderr[-2000:]

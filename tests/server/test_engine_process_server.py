@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -107,3 +108,22 @@ def test_metrics_count_the_engine_process_work_and_both_processes_memory(both):
     assert values["process_resident_memory_bytes"] > 0  # the engine process's
     assert values["xfusion_api_server_process_resident_memory_bytes"] > 0
     assert process.get("/health").json() == {"status": "ok"} and process.get("/ready").status_code == 200
+
+
+def test_a_dead_engine_process_fails_health_and_ready_and_requests_get_503(both):
+    import os
+    import signal
+
+    _, process = both
+    engine = process.app.state.server.engine
+    os.kill(engine._proc.pid, signal.SIGKILL)
+    engine._proc.join(30)
+    for _ in range(100):  # the reader thread sees the process end
+        if engine.failure:
+            break
+        time.sleep(0.05)
+    health = process.get("/health")
+    assert health.status_code == 503 and "exit code -9" in health.json()["error"]
+    assert process.get("/ready").status_code == 503
+    route, body = JSON_ROUTES[1]
+    assert process.post(route, json=body).status_code == 503

@@ -10,39 +10,28 @@ A request is known by a key the API process gives it; `add` is a picklable calla
 id` (a module-level function or `functools.partial` of one; a lambda is refused at submit). A step's events
 come back as one message, with the scheduler's (running, waiting) for admission. A child that dies (a crash, a
 failed step, the OOM killer) fails every request with an error and `failure` says why, as AsyncEngine does.
+This file is the API process's side; engine/engine_core.py is the child's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
 import pickle
 import queue
-import signal
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 from .async_engine import EngineFailed, StepObserver, _put_all, _set_exception, _set_result, _Submit, events_of
-from .config import EngineConfig
 from .engine import Engine
+from .engine_core import EngineSpec, engine_main
 from .request import Event
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What the engine process builds: `Engine.from_checkpoint(checkpoint, config)` computing on `threads` torch
-    threads (None: torch's default), warmed up, observed by `observer()` (a picklable factory: a class)."""
-
-    checkpoint: str
-    config: EngineConfig
-    threads: int | None = None
-    observer: Callable[[], StepObserver] | None = None
 
 
 class EngineProcess:
@@ -65,7 +54,7 @@ class EngineProcess:
         EngineFailed with the child's error when it cannot start."""
         ctx = multiprocessing.get_context("spawn")  # CUDA and threads survive spawn, not fork
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_main, args=(child, self.spec), name="xfusion-engine", daemon=True)
+        self._proc = ctx.Process(target=engine_main, args=(child, self.spec), name="xfusion-engine", daemon=True)
         self._proc.start()
         child.close()
         if not wait([self._conn, self._proc.sentinel], self.start_timeout) or not self._conn.poll():
@@ -76,12 +65,16 @@ class EngineProcess:
             self._proc.join(10)
             raise EngineFailed(f"the engine process failed to start: {detail}")
         self.running = True
+        atexit.register(self.shutdown)  # an exit that skips the server's shutdown must not wait on the child
         threading.Thread(target=self._send_loop, name="xfusion-engine-send", daemon=True).start()
         threading.Thread(target=self._read_loop, name="xfusion-engine-read", daemon=True).start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine process (at once between two steps; killed after `timeout` seconds). Requests still
+        running end with an error."""
         if not hasattr(self, "_proc"):
             return
+        atexit.unregister(self.shutdown)
         self._stopping = True
         self._outbox.put(pickle.dumps(("stop",)))
         self._proc.join(timeout)
@@ -106,7 +99,7 @@ class EngineProcess:
         AsyncEngine.submit does. Raises TypeError for an `add` that cannot be pickled."""
         loop, key = asyncio.get_running_loop(), next(self._keys)
         try:
-            message = pickle.dumps(("add", key, add))
+            message = pickle.dumps(("add", key, pickle.dumps(add)))  # unpickled apart: a failure is the request's
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             raise TypeError(f"a request for the engine process must be picklable (no lambda or local "
                             f"function): {e}") from e
@@ -134,7 +127,7 @@ class EngineProcess:
             if self.failure:
                 raise EngineFailed(self.failure)
             self._calls[key] = (loop, fut)
-            self._outbox.put(pickle.dumps(("call", key, fn)))
+            self._outbox.put(pickle.dumps(("call", key, pickle.dumps(fn))))
         return await fut
 
     # ---- threads of the API process ----------------------------------------------------------------------
@@ -147,22 +140,25 @@ class EngineProcess:
                 return
 
     def _read_loop(self) -> None:
-        while True:
-            ready = wait([self._conn, self._proc.sentinel])
-            if self._conn not in ready:  # the process has ended with nothing more to say
-                self._proc.join()
-                self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})")
-                return
-            try:
-                message = pickle.loads(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                self._proc.join()
-                self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})")
-                return
-            if message[0] == "failed":
-                self._fail_all(message[1])
-                return
-            self._dispatch(*message)
+        try:
+            while True:
+                if self._conn not in wait([self._conn, self._proc.sentinel]):
+                    break  # the process has ended with nothing more to say
+                try:
+                    message = pickle.loads(self._conn.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                if message[0] == "failed":
+                    self._fail_all(message[1])
+                    return
+                self._dispatch(*message)
+        except BaseException as e:  # noqa: BLE001 - no request may be left waiting on a reader that died
+            log.exception("reading from the engine process failed")
+            self._proc.kill()
+            self._fail_all(f"reading from the engine process failed: {type(e).__name__}: {e}")
+            return
+        self._proc.join(10)
+        self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})")
 
     def _dispatch(self, kind: str, *args) -> None:
         if kind == "events":
@@ -198,136 +194,15 @@ class EngineProcess:
         else:
             log.error("engine process failed: %s", message)
         for key, sub in list(self._streams.items()):
-            if not sub.ready.done():
-                sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
-            else:
-                sub.loop.call_soon_threadsafe(sub.events.put_nowait, Event(
-                    str(key), "done", finish_reason="error", error=f"internal error: {message}",
-                    error_type="server_error"))
+            # Both, in this order: a consumer still waiting for its request to be added gets the exception; one
+            # whose add was acknowledged (even by a callback not run yet) gets the done event.
+            sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
+            sub.loop.call_soon_threadsafe(sub.events.put_nowait, Event(
+                str(key), "done", finish_reason="error", error=f"internal error: {message}",
+                error_type="server_error"))
         self._streams.clear()
         self._unacked.clear()
         for loop, fut in self._calls.values():
             loop.call_soon_threadsafe(_set_exception, fut, EngineFailed(message))
         self._calls.clear()
         self._outbox.put(None)
-
-
-# ---- the engine process ----------------------------------------------------------------------------------
-def _engine_main(conn: Connection, spec: EngineSpec) -> None:
-    """The child's whole life: build, warm up, say ready, then step and answer until told to stop or until
-    the API process is gone (the pipe closes)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     [engine] %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process drains and then stops this one
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import torch
-
-        if spec.threads is not None:
-            torch.set_num_threads(spec.threads)
-        engine = Engine.from_checkpoint(spec.checkpoint, spec.config)
-        engine.warm_up()
-        engine.capture_graphs()
-        observer = spec.observer() if spec.observer is not None else None
-        if observer is not None:
-            observer.observe(engine, [], {})
-    except BaseException as e:  # noqa: BLE001 - the API process must hear why
-        log.exception("the engine could not start")
-        _send(conn, ("failed", f"{type(e).__name__}: {e}"))
-        return
-    _send(conn, ("ready", None))
-    core = _Core(engine, observer, conn)
-    try:
-        core.run()
-    except (EOFError, OSError):
-        return  # the API process is gone
-    except BaseException as e:  # noqa: BLE001 - a failed step: the engine's state can no longer be trusted
-        log.exception("engine loop failed; the engine stops")
-        _send(conn, ("failed", f"{type(e).__name__}: {e}"))
-
-
-def _send(conn: Connection, message: tuple) -> None:
-    conn.send_bytes(pickle.dumps(message))
-
-
-class _Core:
-    """The child's loop: between two steps, every waiting message (adds, cancels, calls); a step; its events
-    as one message. It blocks on the pipe while there is no work."""
-
-    def __init__(self, engine: Engine, observer: StepObserver | None, conn: Connection):
-        self.engine, self.observer, self.conn = engine, observer, conn
-        self.ids: dict[int, str] = {}  # key -> request id, for live requests
-        self.keys: dict[str, int] = {}  # request id -> key
-
-    def run(self) -> None:
-        while True:
-            if self.conn.poll(0 if self.engine.has_work() else None):
-                while True:
-                    if not self._handle(*pickle.loads(self.conn.recv_bytes())):
-                        return
-                    if not self.conn.poll(0):
-                        break
-            if self.engine.has_work():
-                self._step()
-
-    def _load(self) -> tuple[int, int]:
-        s = self.engine.scheduler
-        return len(s.text) + len(s.images), len(s.waiting)
-
-    def _handle(self, kind: str, *args) -> bool:
-        if kind == "stop":
-            return False
-        if kind == "add":
-            key, add = args
-            try:
-                rid = add(self.engine)
-            except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
-                _send(self.conn, ("added", key, _picklable(e), self._load()))
-                return True
-            self.ids[key], self.keys[rid] = rid, key
-            _send(self.conn, ("added", key, None, self._load()))
-        elif kind == "cancel":
-            rid = self.ids.pop(args[0], None)
-            if rid is not None:
-                self.keys.pop(rid, None)
-                req = self.engine.requests.get(rid)
-                self.engine.cancel(rid)
-                if self.observer is not None and req is not None:
-                    self.observer.aborted(req)
-                    self.observer.observe(self.engine, [], {})  # gauges must not wait for the next step
-                _send(self.conn, ("load", self._load()))
-        elif kind == "call":
-            key, fn = args
-            try:
-                value, error = fn(self.engine, self.observer), None
-            except Exception as e:  # noqa: BLE001 - the caller gets it
-                value, error = None, _picklable(e)
-            _send(self.conn, ("result", key, value, error))
-        return True
-
-    def _step(self) -> None:
-        before = dict(self.engine.requests)
-        events = self.engine.step()
-        if self.observer is not None:
-            try:
-                self.observer.observe(self.engine, events, before)
-            except Exception:  # noqa: BLE001
-                log.exception("metrics update failed")
-        batch = []
-        for ev in events:
-            key = self.keys.get(ev.request_id)
-            if key is not None:
-                if ev.preview is not None:  # the API process decodes previews on its CPU, never touching CUDA
-                    ev.preview = ev.preview.cpu()
-                batch.append((key, ev))
-                if ev.kind == "done":
-                    del self.keys[ev.request_id], self.ids[key]
-        _send(self.conn, ("events", batch, self._load()))
-
-
-def _picklable(e: Exception) -> Exception:
-    """An exception that crosses the pipe: itself, or a RuntimeError with its message."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(e).__name__}: {e}")

@@ -1,0 +1,178 @@
+"""The engine process's side of engine/engine_process.py (vLLM V1's EngineCore): it builds the engine, says it
+is ready, then loops: every message waiting on the pipe (add, cancel, call, stop), one step, that step's
+events as one message. Requests and calls arrive pickled on their own, so that one that cannot be read fails
+alone; a step that raises ends the process after saying why; a closed pipe (the API process gone) ends it
+quietly."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from .async_engine import StepObserver
+from .config import EngineConfig
+from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process builds: `Engine.from_checkpoint(checkpoint, config)` computing on `threads` torch
+    threads (None: torch's default), warmed up, observed by `observer()` (a picklable factory: a class)."""
+
+    checkpoint: str
+    config: EngineConfig
+    threads: int | None = None
+    observer: Callable[[], StepObserver] | None = None
+
+
+def engine_main(conn: Connection, spec: EngineSpec) -> None:
+    """The child's whole life: build, warm up, say ready, then step and answer until told to stop or until
+    the API process is gone (the pipe closes)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     [engine] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process drains and then stops this one
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import torch
+
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        engine = Engine.from_checkpoint(spec.checkpoint, spec.config)
+        engine.warm_up()
+        engine.capture_graphs()
+        observer = spec.observer() if spec.observer is not None else None
+        if observer is not None:
+            observer.observe(engine, [], {})
+    except BaseException as e:  # noqa: BLE001 - the API process must hear why
+        log.exception("the engine could not start")
+        _send(conn, ("failed", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        _send(conn, ("ready", None))
+        _Core(engine, observer, conn).run()
+    except _ParentGone:
+        return
+    except BaseException as e:  # noqa: BLE001 - a failed step: the engine's state can no longer be trusted
+        log.exception("engine loop failed; the engine stops")
+        try:
+            _send(conn, ("failed", f"{type(e).__name__}: {e}"))
+        except _ParentGone:
+            pass
+
+
+class _ParentGone(Exception):
+    """The pipe to the API process is closed: it has exited (or been killed); so does this process."""
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    data = pickle.dumps(message)
+    try:
+        conn.send_bytes(data)
+    except OSError as e:
+        raise _ParentGone from e
+
+
+def _recv(conn: Connection, timeout: float | None) -> tuple | None:
+    """The next message, once one comes within `timeout` seconds (None: blocks); None if none came."""
+    try:
+        if not conn.poll(timeout):
+            return None
+        return pickle.loads(conn.recv_bytes())  # tuples of str, int and bytes: requests are unpickled apart
+    except (EOFError, OSError) as e:
+        raise _ParentGone from e
+
+
+class _Core:
+    """The child's loop: between two steps, every waiting message (adds, cancels, calls); a step; its events
+    as one message. It blocks on the pipe while there is no work."""
+
+    def __init__(self, engine: Engine, observer: StepObserver | None, conn: Connection):
+        self.engine, self.observer, self.conn = engine, observer, conn
+        self.ids: dict[int, str] = {}  # key -> request id, for live requests
+        self.keys: dict[str, int] = {}  # request id -> key
+
+    def run(self) -> None:
+        while True:
+            message = _recv(self.conn, 0 if self.engine.has_work() else None)  # every waiting one, then a step
+            if message is not None:
+                if not self._handle(*message):
+                    return
+            elif self.engine.has_work():
+                self._step()
+
+    def _load(self) -> tuple[int, int]:
+        s = self.engine.scheduler
+        return len(s.text) + len(s.images), len(s.waiting)
+
+    def _handle(self, kind: str, *args) -> bool:
+        if kind == "stop":
+            return False
+        if kind == "add":
+            key, add = args
+            try:
+                rid = pickle.loads(add)(self.engine)
+            except Exception as e:  # noqa: BLE001 - bad input (or a request that cannot be read) is its own
+                _send(self.conn, ("added", key, _picklable(e), self._load()))
+                return True
+            self.ids[key], self.keys[rid] = rid, key
+            _send(self.conn, ("added", key, None, self._load()))
+        elif kind == "cancel":
+            rid = self.ids.pop(args[0], None)
+            if rid is not None:
+                self.keys.pop(rid, None)
+                self._cancel(rid)
+                _send(self.conn, ("load", self._load()))
+        elif kind == "call":
+            key, fn = args
+            try:
+                value = pickle.loads(fn)(self.engine, self.observer)
+                pickle.dumps(value)  # a result that cannot cross the pipe is the caller's error
+                reply = ("result", key, value, None)
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                reply = ("result", key, None, _picklable(e))
+            _send(self.conn, reply)
+        return True
+
+    def _cancel(self, rid: str) -> None:
+        """Frees a request whose client left. Like AsyncEngine: what goes wrong here is logged, not fatal."""
+        try:
+            req = self.engine.requests.get(rid)
+            self.engine.cancel(rid)
+            if self.observer is not None and req is not None:
+                self.observer.aborted(req)
+                self.observer.observe(self.engine, [], {})  # gauges must not wait for the next step
+        except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
+            log.exception("cancelling %s failed", rid)
+
+    def _step(self) -> None:
+        before = dict(self.engine.requests)
+        events = self.engine.step()
+        if self.observer is not None:
+            try:
+                self.observer.observe(self.engine, events, before)
+            except Exception:  # noqa: BLE001
+                log.exception("metrics update failed")
+        batch = []
+        for ev in events:
+            key = self.keys.get(ev.request_id)
+            if key is not None:
+                if ev.preview is not None:  # the API process decodes previews on its CPU, never touching CUDA
+                    ev.preview = ev.preview.cpu()
+                batch.append((key, ev))
+                if ev.kind == "done":
+                    del self.keys[ev.request_id], self.ids[key]
+        _send(self.conn, ("events", batch, self._load()))
+
+
+def _picklable(e: Exception) -> Exception:
+    """An exception that crosses the pipe: itself, or a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
