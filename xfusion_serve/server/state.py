@@ -108,10 +108,12 @@ class ServerState:
 
     def preview_b64(self, latents) -> list[str]:
         """Scaled latents [n, C, h, w] -> PNGs as base64. The engine process keeps its VAE to itself: this
-        process loads one (on the CPU, float32) at the first preview asked for."""
+        process loads one (on the engine's device, in its precision, as the engine's own) at the first preview
+        asked for."""
         with self._vae_lock:
             if self.vae is None:
-                self.vae = load_checkpoint(self.checkpoint, load_weights=False).vae
+                e = self.config.engine
+                self.vae = load_checkpoint(self.checkpoint, dtype=e.dtype, device=e.device, load_weights=False).vae
         return [image_to_base64(im) for im in decode_latents(self.vae, latents)]
 
     def load(self, engine: Engine | None = None) -> None:
