@@ -240,3 +240,12 @@ def test_a_process_that_exits_without_shutting_the_engine_down_still_exits(rando
     run = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_SHUTDOWN, str(random_checkpoint_dir)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "started" in run.stdout, run.stderr[-2000:]
+
+
+def test_a_caller_that_gave_up_on_its_call_leaves_the_engine_serving(engine_process):
+    """The answer to a call whose event loop has closed (a timeout, a test's asyncio.run) is dropped, not fatal."""
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(asyncio.wait_for(engine_process.call(hold), 0.1))
+    time.sleep(1.5)  # the answer arrives for a loop that is gone
+    events = asyncio.run(collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY)))
+    assert events[-1].finish_reason == "length" and engine_process.alive

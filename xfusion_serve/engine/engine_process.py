@@ -171,18 +171,19 @@ class EngineProcess:
                     if ev.kind == "done":
                         self._streams.pop(key, None)
             for loop, events in by_loop.items():  # one wake-up of the event loop per step
-                loop.call_soon_threadsafe(_put_all, events)
+                _notify(loop, _put_all, events)
         elif kind == "added":
             key, error, self._load = args
             self._unacked.discard(key)
             sub = self._streams.get(key) if error is None else self._streams.pop(key, None)
             if sub is not None:
-                sub.loop.call_soon_threadsafe(*((_set_result, sub.ready, key) if error is None
-                                                else (_set_exception, sub.ready, error)))
+                _notify(sub.loop, *((_set_result, sub.ready, key) if error is None
+                                    else (_set_exception, sub.ready, error)))
         elif kind == "result":
             key, value, error = args
-            loop, fut = self._calls.pop(key)
-            loop.call_soon_threadsafe(*((_set_result, fut, value) if error is None else (_set_exception, fut, error)))
+            if (waiting := self._calls.pop(key, None)) is not None:
+                loop, fut = waiting
+                _notify(loop, *((_set_result, fut, value) if error is None else (_set_exception, fut, error)))
         elif kind == "load":
             self._load = args[0]
 
@@ -196,13 +197,21 @@ class EngineProcess:
         for key, sub in list(self._streams.items()):
             # Both, in this order: a consumer still waiting for its request to be added gets the exception; one
             # whose add was acknowledged (even by a callback not run yet) gets the done event.
-            sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
-            sub.loop.call_soon_threadsafe(sub.events.put_nowait, Event(
+            _notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
+            _notify(sub.loop, sub.events.put_nowait, Event(
                 str(key), "done", finish_reason="error", error=f"internal error: {message}",
                 error_type="server_error"))
         self._streams.clear()
         self._unacked.clear()
         for loop, fut in self._calls.values():
-            loop.call_soon_threadsafe(_set_exception, fut, EngineFailed(message))
+            _notify(loop, _set_exception, fut, EngineFailed(message))
         self._calls.clear()
         self._outbox.put(None)
+
+
+def _notify(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """callback(*args) on `loop`'s thread; nothing if that loop has closed (its caller gave up waiting)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # "Event loop is closed"
+        pass
