@@ -158,7 +158,8 @@ class EngineProcess:
             self._fail_all(f"reading from the engine process failed: {type(e).__name__}: {e}")
             return
         self._proc.join(10)
-        self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})")
+        code = self._proc.exitcode  # None if another thread (a shutdown) reaped it first
+        self._fail_all("the engine process exited" + ("" if code is None else f" (exit code {code})"))
 
     def _dispatch(self, kind: str, *args) -> None:
         if kind == "events":
