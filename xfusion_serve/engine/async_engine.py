@@ -97,9 +97,6 @@ class AsyncEngine:
         return fn(self.engine, self.metrics)
 
     # ---- engine thread -----------------------------------------------------------------------------------
-    def _deliver(self, sub: _Submit, ev: Event) -> None:
-        sub.loop.call_soon_threadsafe(sub.events.put_nowait, ev)
-
     def _drain_inbox(self) -> None:
         while True:
             try:
@@ -109,10 +106,10 @@ class AsyncEngine:
             try:
                 rid = sub.add(self.engine)
             except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
-                sub.loop.call_soon_threadsafe(_set_exception, sub.ready, e)
+                notify(sub.loop, _set_exception, sub.ready, e)
                 continue
             self._streams[rid] = sub
-            sub.loop.call_soon_threadsafe(_set_result, sub.ready, rid)
+            notify(sub.loop, _set_result, sub.ready, rid)
 
     def _loop(self) -> None:
         try:
@@ -132,48 +129,26 @@ class AsyncEngine:
         self._drain_inbox()
         while not self._cancels.empty():
             rid = self._cancels.get_nowait()
-            req = self.engine.requests.get(rid)
             self._streams.pop(rid, None)
-            try:
-                self.engine.cancel(rid)
-                if self.metrics is not None and req is not None:
-                    self.metrics.aborted(req)
-                    self.metrics.observe(self.engine, [], {})  # gauges must not wait for the next step
-            except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
-                log.exception("cancelling %s failed", rid)
+            observed_cancel(self.engine, self.metrics, rid)
         if not self.engine.has_work():
             time.sleep(0.002)
             return
-        before = dict(self.engine.requests)
-        events = self.engine.step()
-        if self.metrics is not None:
-            try:
-                self.metrics.observe(self.engine, events, before)
-            except Exception:  # noqa: BLE001
-                log.exception("metrics update failed")
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for ev in events:
-            sub = self._streams.get(ev.request_id)
-            if sub is not None:
-                by_loop.setdefault(sub.loop, []).append((sub.events, ev))
-                if ev.kind == "done":
-                    self._streams.pop(ev.request_id, None)
-        for loop, batch in by_loop.items():  # one wake-up of the event loop per step, not one per event
-            loop.call_soon_threadsafe(_put_all, batch)
+        deliver(self._streams, [(ev.request_id, ev) for ev in observed_step(self.engine, self.metrics)])
 
     def _fail_all(self, message: str) -> None:
         """The engine is gone: every request streaming or still in the inbox ends with an error."""
         self.running = False
         for rid, sub in list(self._streams.items()):
-            self._deliver(sub, Event(rid, "done", finish_reason="error", error=f"internal error: {message}",
-                                     error_type="server_error"))
+            notify(sub.loop, sub.events.put_nowait, Event(rid, "done", finish_reason="error",
+                                                          error=f"internal error: {message}", error_type="server_error"))
         self._streams.clear()
         while True:
             try:
                 sub = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            sub.loop.call_soon_threadsafe(_set_exception, sub.ready, EngineFailed(message))
+            notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
 
     @property
     def alive(self) -> bool:
@@ -196,6 +171,55 @@ async def events_of(events: asyncio.Queue) -> AsyncIterator[Event]:
         yield ev
         if ev.kind == "done":
             return
+
+
+def observed_step(engine: Engine, observer: StepObserver | None) -> list[Event]:
+    """One engine step -> its events; the observer (the metrics) sees them with the requests as they were before
+    it. An observer that fails is logged: metrics never stop the engine."""
+    before = dict(engine.requests)
+    events = engine.step()
+    if observer is not None:
+        try:
+            observer.observe(engine, events, before)
+        except Exception:  # noqa: BLE001
+            log.exception("metrics update failed")
+    return events
+
+
+def observed_cancel(engine: Engine, observer: StepObserver | None, request_id: str) -> None:
+    """Frees a request whose client left, counted by the observer as aborted. What goes wrong here is logged:
+    the loop must outlive anything one request does."""
+    try:
+        req = engine.requests.get(request_id)
+        engine.cancel(request_id)
+        if observer is not None and req is not None:
+            observer.aborted(req)
+            observer.observe(engine, [], {})  # gauges must not wait for the next step
+    except Exception:  # noqa: BLE001
+        log.exception("cancelling %s failed", request_id)
+
+
+def deliver(streams: dict, events: list[tuple[object, Event]]) -> None:
+    """A step's (key, event) pairs to the queues of the streams they name (`streams`: key -> _Submit); a done
+    event ends its stream. One wake-up of each event loop per step, not one per event."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for key, ev in events:
+        sub = streams.get(key)
+        if sub is not None:
+            by_loop.setdefault(sub.loop, []).append((sub.events, ev))
+            if ev.kind == "done":
+                streams.pop(key, None)
+    for loop, batch in by_loop.items():
+        notify(loop, _put_all, batch)
+
+
+def notify(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """callback(*args) on `loop`'s thread; nothing if that loop has closed (its caller gave up waiting): an
+    answer nobody waits for must not stop the thread that gives it."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .async_engine import StepObserver
+from .async_engine import StepObserver, observed_cancel, observed_step
 from .config import EngineConfig
 from .engine import Engine
 
@@ -125,7 +125,7 @@ class _Core:
             rid = self.ids.pop(args[0], None)
             if rid is not None:
                 self.keys.pop(rid, None)
-                self._cancel(rid)
+                observed_cancel(self.engine, self.observer, rid)
                 _send(self.conn, ("load", self._load()))
         elif kind == "call":
             key, fn = args
@@ -138,30 +138,13 @@ class _Core:
             _send(self.conn, reply)
         return True
 
-    def _cancel(self, rid: str) -> None:
-        """Frees a request whose client left. Like AsyncEngine: what goes wrong here is logged, not fatal."""
-        try:
-            req = self.engine.requests.get(rid)
-            self.engine.cancel(rid)
-            if self.observer is not None and req is not None:
-                self.observer.aborted(req)
-                self.observer.observe(self.engine, [], {})  # gauges must not wait for the next step
-        except Exception:  # noqa: BLE001 - the loop must outlive anything one request does
-            log.exception("cancelling %s failed", rid)
-
     def _step(self) -> None:
-        before = dict(self.engine.requests)
-        events = self.engine.step()
-        if self.observer is not None:
-            try:
-                self.observer.observe(self.engine, events, before)
-            except Exception:  # noqa: BLE001
-                log.exception("metrics update failed")
+        events = observed_step(self.engine, self.observer)
         batch = []
         for ev in events:
             key = self.keys.get(ev.request_id)
             if key is not None:
-                if ev.preview is not None:  # the API process decodes previews on its CPU, never touching CUDA
+                if ev.preview is not None:  # sent from the CPU: unpickling it needs no device in the API process
                     ev.preview = ev.preview.cpu()
                 batch.append((key, ev))
                 if ev.kind == "done":

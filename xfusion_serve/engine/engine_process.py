@@ -26,7 +26,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import wait
 
-from .async_engine import EngineFailed, StepObserver, _put_all, _set_exception, _set_result, _Submit, events_of
+from .async_engine import (EngineFailed, StepObserver, _set_exception, _set_result, _Submit, deliver, events_of,
+                           notify)
 from .engine import Engine
 from .engine_core import EngineSpec, engine_main
 from .request import Event
@@ -164,27 +165,19 @@ class EngineProcess:
     def _dispatch(self, kind: str, *args) -> None:
         if kind == "events":
             batch, self._load = args
-            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-            for key, ev in batch:
-                sub = self._streams.get(key)
-                if sub is not None:
-                    by_loop.setdefault(sub.loop, []).append((sub.events, ev))
-                    if ev.kind == "done":
-                        self._streams.pop(key, None)
-            for loop, events in by_loop.items():  # one wake-up of the event loop per step
-                _notify(loop, _put_all, events)
+            deliver(self._streams, batch)
         elif kind == "added":
             key, error, self._load = args
             self._unacked.discard(key)
             sub = self._streams.get(key) if error is None else self._streams.pop(key, None)
             if sub is not None:
-                _notify(sub.loop, *((_set_result, sub.ready, key) if error is None
+                notify(sub.loop, *((_set_result, sub.ready, key) if error is None
                                     else (_set_exception, sub.ready, error)))
         elif kind == "result":
             key, value, error = args
             if (waiting := self._calls.pop(key, None)) is not None:
                 loop, fut = waiting
-                _notify(loop, *((_set_result, fut, value) if error is None else (_set_exception, fut, error)))
+                notify(loop, *((_set_result, fut, value) if error is None else (_set_exception, fut, error)))
         elif kind == "load":
             self._load = args[0]
 
@@ -198,21 +191,13 @@ class EngineProcess:
         for key, sub in list(self._streams.items()):
             # Both, in this order: a consumer still waiting for its request to be added gets the exception; one
             # whose add was acknowledged (even by a callback not run yet) gets the done event.
-            _notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
-            _notify(sub.loop, sub.events.put_nowait, Event(
+            notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
+            notify(sub.loop, sub.events.put_nowait, Event(
                 str(key), "done", finish_reason="error", error=f"internal error: {message}",
                 error_type="server_error"))
         self._streams.clear()
         self._unacked.clear()
         for loop, fut in self._calls.values():
-            _notify(loop, _set_exception, fut, EngineFailed(message))
+            notify(loop, _set_exception, fut, EngineFailed(message))
         self._calls.clear()
         self._outbox.put(None)
-
-
-def _notify(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
-    """callback(*args) on `loop`'s thread; nothing if that loop has closed (its caller gave up waiting)."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # "Event loop is closed"
-        pass

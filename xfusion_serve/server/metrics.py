@@ -1,6 +1,6 @@
 """Prometheus metrics in vLLM's naming, with an `xfusion` prefix and a `task` label (text, caption, image).
 
-Updated on the engine thread after every step, from the step's events and the scheduler's state; gauges
+Updated where the engine steps (its thread, or its own process) after every step, from the step's events and the scheduler's state; gauges
 keep vLLM's types and meaning because autoscalers read them.
 """
 
