@@ -29,8 +29,9 @@ URI = "data:image/png;base64," + base64.b64encode(png((200, 40, 40))).decode()
 PICTURE_QUESTION = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": URI}},
                                                   {"type": "text", "text": "what is it"}]}]
 JSON_ROUTES = [
-    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "n": 2, "logprobs": 2, "ignore_eos": True,
-                          "seed": 11}),
+    # one choice: n choices go to the engine as n messages, which a step may batch differently from the
+    # thread's (and another batch is other float rounding), so they are not compared here
+    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "logprobs": 2, "ignore_eos": True, "seed": 11}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
                               "ignore_eos": True, "temperature": 0}),
     ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "max_tokens": 6, "ignore_eos": True, "seed": 2}),
@@ -104,7 +105,7 @@ def test_metrics_count_the_engine_process_work_and_both_processes_memory(both):
     text = process.get("/metrics").text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
-    assert values['xfusion_generation_tokens_total{task="text"}'] >= 16  # n=2 choices of 8 tokens
+    assert values['xfusion_generation_tokens_total{task="text"}'] >= 8  # 8 tokens asked, end of text ignored
     assert values["process_resident_memory_bytes"] > 0  # the engine process's
     assert values["xfusion_api_server_process_resident_memory_bytes"] > 0
     assert process.get("/health").json() == {"status": "ok"} and process.get("/ready").status_code == 200
