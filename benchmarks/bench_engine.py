@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=str(EMBEDDED_CHECKPOINT))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton", "flash-attn"])
+    p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton", "flash-attn"])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--chat", default="1,16", help="concurrent chat requests, comma-separated")
@@ -142,12 +142,12 @@ def main() -> None:
     hf = LlamaForCausalLM.from_pretrained(engine.ckpt.text_tower_dir, dtype=getattr(torch, args.dtype)).to(
         args.device).eval()
     figures = {"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
-               "attention_backend": args.attention_backend,
+               "attention_backend": config.attention_backend,
                "torch_threads": torch.get_num_threads(), "compile_decode": config.compile_decode,
                "compile_denoise": config.compile_denoise, "startup_s": round(startup, 2)}
     if engine.runner.device.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(engine.runner.device)
-    print(f"checkpoint {args.checkpoint}  {args.device} {args.dtype} {args.attention_backend}  torch threads {torch.get_num_threads()}  "
+    print(f"checkpoint {args.checkpoint}  {args.device} {args.dtype} {config.attention_backend}  torch threads {torch.get_num_threads()}  "
           f"compile_decode {config.compile_decode}  compile_denoise {config.compile_denoise}  "
           f"engine start-up {startup:.1f} s (compiling included)")
     if not args.startup_only:

@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=_env("PORT", 8000, int))
     p.add_argument("--device", default=_env("DEVICE", "cpu"))
     p.add_argument("--dtype", default=_env("DTYPE", "float32"), choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default=_env("ATTENTION_BACKEND", "torch"),
-                   choices=["torch", "triton", "flash-attn"])
+    p.add_argument("--attention-backend", default=_env("ATTENTION_BACKEND", None),
+                   choices=["torch", "cpu", "triton", "flash-attn"],
+                   help="default: cpu (the project's C++ decode kernel) for float32 on the CPU, else torch")
     p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256, int), help="waiting requests before 429")
     p.add_argument("--kv-cache-memory", type=float, default=_env("KV_CACHE_MEMORY", None, float),
                    help="MiB for the KV cache of both towers (default: --kv-cache-fraction of the free memory)")

@@ -1,4 +1,4 @@
-"""The project's C++ kernels for the CPU, compiled on first use for this machine's processor (-march=native)
+"""The project's C++ kernels for the CPU (cpu_linear.cpp, cpu_attention.cpp), compiled together on first use for this machine's processor (-march=native)
 by torch.utils.cpp_extension and cached by torch (~/.cache/torch_extensions); about 40 s the first time."""
 
 from __future__ import annotations
@@ -25,21 +25,39 @@ def _cpu_tag() -> str:
 
 
 @functools.cache
-def cpu_linear():
-    """-> the op torch.ops.xfusion.cpu_linear(x, w, b=None) (float32 x @ w^T + b, tuned for the few rows of a
-    decode step; see cpu_linear.cpp), or None where it cannot be built (no C++ compiler): then use F.linear."""
+def _build() -> bool:
+    """Builds (or loads from torch's cache) one extension with every C++ kernel; False where it cannot be built."""
     from torch.utils.cpp_extension import load
 
     arch = "-march=native" if platform.machine() in ("x86_64", "AMD64", "i686") else "-mcpu=native"
+    sources = [str(Path(__file__).with_name(name)) for name in ("cpu_linear.cpp", "cpu_attention.cpp")]
     try:
-        load(name=f"xfusion_cpu_linear_{_cpu_tag()}", sources=[str(Path(__file__).with_name("cpu_linear.cpp"))],
-             extra_cflags=["-O3", "-fopenmp", arch], extra_ldflags=["-fopenmp"], is_python_module=False)
+        load(name=f"xfusion_cpu_kernels_{_cpu_tag()}", sources=sources, extra_cflags=["-O3", "-fopenmp", arch],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: no kernel here
-        log.warning("the CPU linear kernel could not be built (%s: %s); using torch's", type(e).__name__, e)
-        return None
+        log.warning("the CPU kernels could not be built (%s: %s); using torch's ops", type(e).__name__, e)
+        return False
 
     @torch.library.register_fake("xfusion::cpu_linear")
     def _(x, w, b=None):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
-    return torch.ops.xfusion.cpu_linear
+    @torch.library.register_fake("xfusion::cpu_paged_decode")
+    def _(q, kv_cache, block_tables, seq_lens, k, v):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    return True
+
+
+def cpu_linear():
+    """-> the op torch.ops.xfusion.cpu_linear(x, w, b=None) (float32 x @ w^T + b, tuned for the few rows of a
+    decode step; see cpu_linear.cpp), or None where it cannot be built (no C++ compiler): then use F.linear."""
+    return torch.ops.xfusion.cpu_linear if _build() else None
+
+
+def cpu_paged_decode():
+    """-> the op torch.ops.xfusion.cpu_paged_decode(q, kv_cache, block_tables, seq_lens, k, v): float32 decode
+    attention read in place from the paged pool (see cpu_attention.cpp): q [B, Hq, d], one layer's kv_cache
+    [2, blocks, block_size, Hkv, d] (contiguous), block_tables [B, M] and seq_lens [B] int32 (each counting the
+    new token), the new token's k, v [B, Hkv, d] -> [B, Hq, d]. None where it cannot be built."""
+    return torch.ops.xfusion.cpu_paged_decode if _build() else None

@@ -14,7 +14,9 @@ COMPILE_DECODE_ON_CPU_FROM = 50_000_000
 class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
-    attention_backend: str = "torch"
+    # model/attention.py's BACKENDS. None: "cpu" (the project's C++ decode kernel) for float32 on the CPU where
+    # it can be built and the head size is a multiple of 16, else "torch".
+    attention_backend: str | None = None
     # Bytes for both towers' KV pools; None: kv_cache_fraction of the memory free once the weights are loaded
     # (at most what max_running requests at full context can fill).
     kv_cache_memory: int | None = None
@@ -57,5 +59,9 @@ class EngineConfig:
             raise ValueError("block_size, max_running and max_image_rows must be positive")
         if self.max_prompt_images < 0 or self.max_prompt_image_tokens < 0:
             raise ValueError("max_prompt_images and max_prompt_image_tokens must be 0 or more")
+        if self.attention_backend is None and (self.device != "cpu" or self.dtype != "float32"):
+            self.attention_backend = "torch"  # on the CPU in float32 the engine decides from the model
+        if self.attention_backend == "cpu" and (self.device != "cpu" or self.dtype != "float32"):
+            raise ValueError("attention_backend cpu needs device cpu and dtype float32")
         if self.attention_backend == "flash-attn" and (self.block_size % 256 or self.dtype == "float32"):
             raise ValueError("the flash-attn backend needs block_size a multiple of 256 and dtype bfloat16 or float16")

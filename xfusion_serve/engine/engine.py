@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.attention import default_backend
 from ..model.checkpoint import Checkpoint, load_checkpoint
 from ..model.latents import decode_latents
 from .config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
@@ -22,7 +23,7 @@ from .flow_matching import guided
 from .inputs import RequestInputs
 from .offline import OfflineAPI
 from .request import Event, ImageRequest, TextRequest
-from .runner import ModelRunner
+from .runner import ModelRunner, head_shape
 from .scheduler import Plan, Scheduler
 from .text_sampling import sample_next, token_logprobs
 
@@ -51,7 +52,9 @@ class Engine(RequestInputs, OfflineAPI):
         # What the config leaves to the model's size: a large model pays a start-up compile back quickly.
         large = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
         c = replace(c, compile_decode=large if c.compile_decode is None else c.compile_decode,
-                    cpu_kernels=large if c.cpu_kernels is None else c.cpu_kernels)
+                    cpu_kernels=large if c.cpu_kernels is None else c.cpu_kernels,
+                    attention_backend=c.attention_backend or default_backend(
+                        torch.device(c.device), getattr(torch, c.dtype), head_shape(ckpt.model.text_config)[1]))
         self.ckpt, self.config = ckpt, c
         self.runner = ModelRunner(ckpt, c)
         if c.compile_decode:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _head_shape(cfg) -> tuple[int, int]:
+def head_shape(cfg) -> tuple[int, int]:
     return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
@@ -34,11 +34,11 @@ class ModelRunner:
                 self.model.use_matmul(op)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.backend = make_backend(config.attention_backend, self.device)
         text_cfg = self.model.text_config
+        self.backend = make_backend(config.attention_backend, self.device, self.dtype, head_shape(text_cfg)[1])
         vision_cfg = vision_block_config(text_cfg, self.model.config)
         layers, vision_share = text_cfg.num_hidden_layers, config.vision_cache_fraction
-        per_token = {tower: KVPool.bytes_per_block(layers, *_head_shape(cfg), 1, self.dtype)
+        per_token = {tower: KVPool.bytes_per_block(layers, *head_shape(cfg), 1, self.dtype)
                      for tower, cfg in (("text", text_cfg), ("vision", vision_cfg))}
         # No more than every running request at full context can fill, split as the towers' shares are.
         useful = config.max_running * text_cfg.max_position_embeddings * per_token["text"] / (1 - vision_share)
@@ -47,7 +47,7 @@ class ModelRunner:
         self.pools: dict[str, KVPool] = {}
         for tower, share in (("text", 1 - vision_share), ("vision", vision_share)):
             blocks = int(budget * share) // (per_token[tower] * config.block_size)
-            heads, dim = _head_shape(text_cfg if tower == "text" else vision_cfg)
+            heads, dim = head_shape(text_cfg if tower == "text" else vision_cfg)
             self.pools[tower] = KVPool(layers, heads, dim, blocks, config.block_size, self.dtype, self.device)
         log.info("KV cache: %s", ", ".join(f"{tower} {pool.capacity:,} tokens ({pool.nbytes / 2**20:,.0f} MiB)"
                                             for tower, pool in self.pools.items()))

@@ -3,22 +3,26 @@
     prefill          packed whole prompts, causal text and bidirectional images (chat, caption, image prompts)
     decode           one new text query per sequence over its paged cache
     prefix           the image tokens of a denoising step over their cached prompt plus their own image
-Backends: "torch" (SDPA; the CPU default and the reference), "triton" (the project's kernels in
-kernels/xfusion_kernels), "flash-attn" (GPU image only). Every backend agrees with "torch".
+Backends: "torch" (SDPA; the reference), "cpu" (the project's C++ decode kernel, float32 on the CPU: its
+default), "triton" (the project's kernels in kernels/xfusion_kernels), "flash-attn" (GPU image only). Every
+backend agrees with "torch".
 The paged cache they read is one layer's [2, blocks, block_size, kv_heads, head_dim] (engine/kv_cache.py).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from .sequence import attention_mask
 
+log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "triton", "flash-attn")
+
+BACKENDS = ("torch", "cpu", "triton", "flash-attn")
 
 
 class TorchBackend:
@@ -66,6 +70,48 @@ class TorchBackend:
         keys, values = torch.cat([prompt_k, k.transpose(1, 2)], 2), torch.cat([prompt_v, v.transpose(1, 2)], 2)
         return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                               enable_gqa=True).transpose(1, 2)
+
+
+class CpuBackend(TorchBackend):
+    """Decode with the project's C++ kernel (kernels/xfusion_kernels/cpu_attention.cpp): float32 on the CPU, the
+    cached K/V read in place through the block tables, the new token's from the arguments; prefill and prefix
+    stay on SDPA. On the demo's shape the reference's gather, concatenation and mask took 41% of a decode
+    step (py-spy, one thread, 16 sequences)."""
+
+    name = "cpu"
+
+    def __init__(self, op):
+        self.op = op
+
+    def prepare_decode(self, block_tables, seq_lens, block_size):
+        return block_tables.to(torch.int32), seq_lens.to(torch.int32)
+
+    def decode(self, q, kv_cache, meta, k, v):
+        return self.op(q, kv_cache, *meta, k, v)
+
+
+def cpu_backend_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the "cpu" backend cannot serve here (None: it can). Building its kernel takes about 20 s the first
+    time on a machine (then torch's cache)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return "it computes float32 on the CPU"
+    if head_dim % 16:
+        return f"it needs a head size that is a multiple of 16, not {head_dim}"
+    from xfusion_kernels.cpu import cpu_paged_decode
+
+    if cpu_paged_decode() is None:
+        return "its C++ kernel could not be built here (see the warning above)"
+    return None
+
+
+def default_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """ "cpu" where it can serve (float32 on the CPU), else "torch"."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return "torch"
+    if (problem := cpu_backend_problem(device, dtype, head_dim)) is not None:
+        log.warning("attention backend torch: the cpu backend cannot serve this model (%s)", problem)
+        return "torch"
+    return "cpu"
 
 
 class TritonBackend(TorchBackend):
@@ -138,9 +184,18 @@ class FlashAttnBackend(TorchBackend):
         return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], seq_lens, block_tables)[:, 0]
 
 
-def make_backend(name: str, device: torch.device) -> TorchBackend:
+def make_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 16
+                 ) -> TorchBackend:
+    """The backend called `name` for a model of `head_dim` in `dtype` on `device`. Raises ValueError where it
+    cannot serve that."""
     if name == "torch":
         return TorchBackend()
+    if name == "cpu":
+        if (problem := cpu_backend_problem(device, dtype, head_dim)) is not None:
+            raise ValueError(f"the cpu attention backend cannot serve this model: {problem}")
+        from xfusion_kernels.cpu import cpu_paged_decode
+
+        return CpuBackend(cpu_paged_decode())
     if name == "triton":
         return TritonBackend()
     if name == "flash-attn":
