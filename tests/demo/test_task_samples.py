@@ -10,7 +10,7 @@ from conftest import set_config
 
 from xfusion_serve import EMBEDDED_CHECKPOINT, ImageSegment, load_checkpoint
 from xfusion_serve.demo.recipe import task_samples
-from xfusion_serve.demo.shapes import read_image
+from xfusion_serve.demo.shapes import Shape, read_image
 from xfusion_serve.demo.task_samples import MIX, TaskSamples
 from xfusion_serve.model import prompts
 from xfusion_serve.model.latents import encode_images
@@ -80,11 +80,13 @@ def test_every_kind_is_the_servers_sequence_with_its_target(ckpt):
             assert tok.decode(s["targets"], skip_special_tokens=True) == task.answer
             assert s["targets"][-1] == tok.eos_token_id
         else:
-            want = text_answer_sample(tok, task.messages, pictures, task.answer)
+            answer = task.target.caption if kind == "edit-text" else task.answer  # an edit's: what it will draw
+            assert answer == (Shape(**read_image(task.target_image)).caption if kind == "edit-text" else task.answer)
+            want = text_answer_sample(tok, task.messages, pictures, answer)
             assert s["targets"] == want["targets"]
             assert [p for p in s["segments"] if not isinstance(p, ImageSegment)] == \
                    [p for p in want["segments"] if not isinstance(p, ImageSegment)]
-            assert tok.decode(s["targets"], skip_special_tokens=True).strip() == task.answer
+            assert tok.decode(s["targets"], skip_special_tokens=True).strip() == answer
     assert set(seen) == set(MIX)
 
 

@@ -5,7 +5,7 @@
 Image answers (draw, edit, generate) learn the flow-matching velocity of their target, with the prompt
 dropped to the engine's shared empty one (`prompts.generation_prompt("")`) for `caption_dropout` of them, so
 that classifier-free guidance has its unconditional branch. Text answers (question, describe, compare,
-caption) learn the answer's tokens; their pictures are clean unless `caption_max_noise` > 0 (then each is
+caption, and edit-text: the edited picture's caption) learn the answer's tokens; their pictures are clean unless `caption_max_noise` > 0 (then each is
 noised to t ~ U(0, caption_max_noise): the paper's ablation of section 6). Pictures are VAE-encoded as they
 first occur and cached (the world has about ten thousand distinct ones), and so are the prompts' tokens (the
 chat template is slow next to a step of this small model).
@@ -31,8 +31,13 @@ from .tasks import DESCRIBE, Task, make_task
 # Drawing gets the most: a prompt's attributes steer the image only after some hundred thousand samples that
 # name them (at 3/13 of 6000 steps of 64 the drawings ignored their prompts: colour 13%, the prior alone).
 # Edits and two-picture questions are the next hardest; the plain routes' forms are kept for their users.
-MIX = {"draw": 6.0, "edit": 3.0, "question": 2.0, "compare": 2.0, "describe": 1.0, "generate": 2.0, "caption": 1.0}
-TASK_OF = {"generate": "draw", "caption": "describe"}
+# "edit-text" is an edit's text answer: the caption of the edited picture, which the turn opens with when image
+# answers say what they draw first (CAPTION_FIRST in demo/recipe.py) and which the frozen LM must write from the
+# picture's K/V and the instruction. Without it no sample taught that text: 12 of 15 wrong edits of the v6 demo
+# came from a wrong caption (the image then drew what the caption said).
+MIX = {"draw": 6.0, "edit": 3.0, "edit-text": 2.0, "question": 2.0, "compare": 2.0, "describe": 1.0,
+       "generate": 2.0, "caption": 1.0}
+TASK_OF = {"generate": "draw", "caption": "describe", "edit-text": "edit"}
 IMAGE_ANSWERS = ("draw", "edit", "generate")
 
 
@@ -89,7 +94,8 @@ class TaskSamples:
             instruction = prompts.caption_instruction(tok, rng.choice(["", *DESCRIBE]))
             return {"segments": [prompts.caption_prefix(tok), pictures[0], instruction + answer], "targets": answer,
                     **clean}
-        return self._cached(task, task.answer, pictures) | clean
+        answer = task.target.caption if kind == "edit-text" else task.answer
+        return self._cached(task, answer, pictures) | clean
 
     def _cached(self, task: Task, answer: str | None, pictures: list[ImageSegment], said: str | None = None) -> dict:
         """image_answer_sample's prompt (answer None; with `said`, the assistant's turn opened with that text, as
