@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from functools import partial
 
 from test_engine import make_engine
 
-from xfusion_serve import SamplingParams
+from xfusion_serve import Engine, SamplingParams
 from xfusion_serve.engine.async_engine import AsyncEngine
 
 PROMPT = [2, 7, 9, 11]
@@ -61,3 +63,30 @@ def test_a_steps_events_reach_their_streams_once_and_a_closed_loop_is_skipped():
     assert [a.events.get_nowait().text, b.events.get_nowait().kind] == ["hi", "done"]
     assert a.events.empty() and b.events.empty() and set(streams) == {"a"}  # done ones ended
     live.close()
+
+
+def test_queued_requests_count_as_waiting_before_the_caller_awaits(random_checkpoint_dir):
+    """Admission reads load() right after queueing (server/serving.py start_all): the requests of one HTTP
+    request are in the count when submit_all returns, not once the caller's event loop runs again (a burst
+    could otherwise slip in between and get more requests admitted than the queue has places)."""
+    engine = AsyncEngine(make_engine(random_checkpoint_dir))
+    gate = threading.Event()
+    engine.engine.fault_hook = lambda phase, reqs: gate.wait(30) if phase == "schedule" else None
+    engine.start()
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def scenario():
+        streams = engine.submit_all([partial(Engine.add_text, prompt=PROMPT, params=params)] * 3)
+        queued = engine.load()  # no await since the queueing
+        gate.set()
+        return queued, await asyncio.gather(*(last(s) for s in streams))
+
+    async def last(stream):
+        return [ev async for ev in stream][-1]
+
+    try:
+        queued, dones = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert queued[0] == 0 and queued[1] >= 3  # (briefly counted twice while being added: never fewer)
+    assert [d.finish_reason for d in dones] == ["length"] * 3 and engine.load() == (0, 0)

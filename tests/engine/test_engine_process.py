@@ -31,7 +31,11 @@ def started(checkpoint) -> EngineProcess:
 
 
 async def collect(engine, add) -> list:
-    return [ev async for ev in engine.submit(add)]
+    return await drain(engine.submit(add))
+
+
+async def drain(stream) -> list:
+    return [ev async for ev in stream]
 
 
 def live_requests(engine: Engine, observer) -> int:
@@ -103,6 +107,50 @@ def test_text_images_and_captions_are_those_of_the_engine_stepped_here(random_ch
 def summary(events: list) -> tuple:
     return ([t for ev in events for t in ev.token_ids], "".join(ev.text for ev in events if ev.kind == "token"),
             [(ev.kind, ev.step, ev.finish_reason, ev.text) for ev in events if ev.kind != "token"])
+
+
+def count_encodes(engine: Engine, observer) -> None:
+    encode, engine.encodes = engine.encode_image, 0
+
+    def counted(*args, **kw):
+        engine.encodes += 1
+        return encode(*args, **kw)
+
+    engine.encode_image = counted
+
+
+def encodes(engine: Engine, observer) -> int:
+    return engine.encodes
+
+
+def test_the_choices_of_one_request_cross_together_and_share_their_pictures(random_checkpoint_dir,
+                                                                            engine_process):
+    from xfusion_serve.server.conversation import Conversation, add_conversation
+
+    pictures = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]
+    conv = Conversation.of_user("what is this", pictures)
+    adds = [partial(add_conversation, conv=conv, params=GREEDY) for _ in range(3)]
+    queued = []
+
+    async def choices():
+        await engine_process.call(count_encodes)
+        streams = engine_process.submit_all(adds)
+        queued.append(engine_process.load())
+        answers = await asyncio.gather(*(drain(s) for s in streams))
+        return answers, await engine_process.call(encodes)
+
+    remote, encoded = asyncio.run(choices())
+    assert queued == [(0, 3)]  # counted as waiting as soon as submit_all returns (admission reads it)
+    assert encoded == 2  # each picture once, for the three choices (pickled apart: six)
+    local = make_engine(random_checkpoint_dir)
+    here = Conversation.of_user("what is this", pictures)
+    ids = [partial(add_conversation, conv=here, params=GREEDY)(local) for _ in range(3)]
+    events: dict[str, list] = {}
+    while local.has_work():
+        for ev in local.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    assert [summary(r) for r in remote] == [summary(events[i]) for i in ids]
+    assert engine_process.load() == (0, 0)
 
 
 def test_a_client_that_leaves_frees_its_request_in_the_engine_process(engine_process):

@@ -29,12 +29,14 @@ URI = "data:image/png;base64," + base64.b64encode(png((200, 40, 40))).decode()
 PICTURE_QUESTION = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": URI}},
                                                   {"type": "text", "text": "what is it"}]}]
 JSON_ROUTES = [
-    # one choice: n choices go to the engine as n messages, which a step may batch differently from the
-    # thread's (and another batch is other float rounding), so they are not compared here
-    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "logprobs": 2, "ignore_eos": True, "seed": 11}),
+    # n choices reach either engine as one message, added before the same step (another batching would be
+    # other float rounding), and share their pictures
+    ("/v1/completions", {"prompt": "a red", "max_tokens": 8, "logprobs": 2, "ignore_eos": True, "seed": 11,
+                         "n": 3}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
                               "ignore_eos": True, "temperature": 0}),
-    ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "max_tokens": 6, "ignore_eos": True, "seed": 2}),
+    ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "max_tokens": 6, "ignore_eos": True, "seed": 2,
+                              "n": 2}),
     ("/v1/chat/completions", {"messages": PICTURE_QUESTION, "modalities": ["image"], "num_inference_steps": 2,
                               "seed": 5}),
     ("/v1/chat", {"messages": PICTURE_QUESTION, "modalities": ["text", "image"], "max_tokens": 4, "steps": 2,

@@ -45,7 +45,9 @@ class _Submit:
 class AsyncEngine:
     def __init__(self, engine: Engine, metrics: StepObserver | None = None):
         self.engine, self.metrics = engine, metrics
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue()  # lists of _Submit: the requests of one HTTP request
+        self._queued = 0  # requests in the inbox or being added: waiting, for admission
+        self._queued_lock = threading.Lock()
         self._cancels: queue.Queue = queue.Queue()
         self._streams: dict[str, _Submit] = {}
         self._stop = threading.Event()
@@ -69,17 +71,30 @@ class AsyncEngine:
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         s = self.engine.scheduler
-        return len(s.text) + len(s.images), len(s.waiting) + self._inbox.qsize()
+        return len(s.text) + len(s.images), len(s.waiting) + self._queued
 
     async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
         """Adds a request (on the engine thread) and yields its events until its done event. Token events
         that queued up while the consumer was busy come as one (text, token ids and log-probabilities joined)."""
+        async for ev in self.submit_all([add])[0]:
+            yield ev
+
+    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[AsyncIterator[Event]]:
+        """Queues the requests of one HTTP request (its n choices) at once, before this returns: the engine
+        thread adds them together, between the same two steps, and `load()` counts them from now (admission
+        reads it). -> one event iterator each; a consumer that leaves early cancels its request. Raises
+        EngineFailed after a failure."""
         loop = asyncio.get_running_loop()
-        sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
+        subs = [_Submit(add, asyncio.Queue(), loop, loop.create_future()) for add in adds]
         with self._failing:
             if self.failure:
                 raise EngineFailed(self.failure)
-            self._inbox.put(sub)
+            with self._queued_lock:
+                self._queued += len(subs)
+            self._inbox.put(subs)
+        return [self._events(sub) for sub in subs]
+
+    async def _events(self, sub: _Submit) -> AsyncIterator[Event]:
         request_id = None
         try:
             request_id = await sub.ready  # raises what adding raised (bad input)
@@ -100,16 +115,19 @@ class AsyncEngine:
     def _drain_inbox(self) -> None:
         while True:
             try:
-                sub = self._inbox.get_nowait()
+                subs = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                rid = sub.add(self.engine)
-            except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
-                notify(sub.loop, _set_exception, sub.ready, e)
-                continue
-            self._streams[rid] = sub
-            notify(sub.loop, _set_result, sub.ready, rid)
+            for sub in subs:
+                try:
+                    rid = sub.add(self.engine)
+                except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
+                    notify(sub.loop, _set_exception, sub.ready, e)
+                else:
+                    self._streams[rid] = sub
+                    notify(sub.loop, _set_result, sub.ready, rid)
+                with self._queued_lock:  # counted until the scheduler counts it
+                    self._queued -= 1
 
     def _loop(self) -> None:
         try:
@@ -145,10 +163,13 @@ class AsyncEngine:
         self._streams.clear()
         while True:
             try:
-                sub = self._inbox.get_nowait()
+                subs = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
+            for sub in subs:
+                with self._queued_lock:
+                    self._queued -= 1
+                notify(sub.loop, _set_exception, sub.ready, EngineFailed(message))
 
     @property
     def alive(self) -> bool:

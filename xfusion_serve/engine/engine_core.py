@@ -1,7 +1,7 @@
 """The engine process's side of engine/engine_process.py (vLLM V1's EngineCore): it builds the engine, says it
 is ready, then loops: every message waiting on the pipe (add, cancel, call, stop), one step, that step's
-events as one message. Requests and calls arrive pickled on their own, so that one that cannot be read fails
-alone; a step that raises ends the process after saying why; a closed pipe (the API process gone) ends it
+events as one message. Requests (the choices of one HTTP request together) and calls arrive pickled inside
+the message, so that one that cannot be read fails alone; a step that raises ends the process after saying why; a closed pipe (the API process gone) ends it
 quietly."""
 
 from __future__ import annotations
@@ -112,15 +112,22 @@ class _Core:
     def _handle(self, kind: str, *args) -> bool:
         if kind == "stop":
             return False
-        if kind == "add":
-            key, add = args
+        if kind == "add":  # the requests of one HTTP request, in one pickle: what they share is one object
+            keys, adds = args
             try:
-                rid = pickle.loads(add)(self.engine)
-            except Exception as e:  # noqa: BLE001 - bad input (or a request that cannot be read) is its own
-                _send(self.conn, ("added", key, _picklable(e), self._load()))
+                adds = pickle.loads(adds)
+            except Exception as e:  # noqa: BLE001 - requests that cannot be read are theirs to fail
+                for key in keys:
+                    _send(self.conn, ("added", key, _picklable(e), self._load()))
                 return True
-            self.ids[key], self.keys[rid] = rid, key
-            _send(self.conn, ("added", key, None, self._load()))
+            for key, add in zip(keys, adds):
+                try:
+                    rid = add(self.engine)
+                except Exception as e:  # noqa: BLE001 - bad input is its request's own
+                    _send(self.conn, ("added", key, _picklable(e), self._load()))
+                    continue
+                self.ids[key], self.keys[rid] = rid, key
+                _send(self.conn, ("added", key, None, self._load()))
         elif kind == "cancel":
             rid = self.ids.pop(args[0], None)
             if rid is not None:

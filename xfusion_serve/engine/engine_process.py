@@ -3,7 +3,7 @@ step loop live in a child process with its own interpreter and GIL; the API serv
 JSON never wait for a step, nor a step for them. Same interface as AsyncEngine (the engine on a thread).
 
 API process                                         engine process (spawned)
-  submit(add) -> pickled ("add", key, add) -> sender thread -> pipe -> poll between steps: add(engine)
+  submit_all(adds) -> ("add", keys, adds) -> sender thread -> pipe -> poll between steps: add(engine) each
   events      <- call_soon_threadsafe     <- reader thread  <- pipe <- ("events", [(key, Event)], load) per step
 
 A request is known by a key the API process gives it; `add` is a picklable callable `add(engine) -> request
@@ -98,19 +98,30 @@ class EngineProcess:
     async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
         """Adds a request (in the engine process) and yields its events until its done event, as
         AsyncEngine.submit does. Raises TypeError for an `add` that cannot be pickled."""
-        loop, key = asyncio.get_running_loop(), next(self._keys)
-        try:
-            message = pickle.dumps(("add", key, pickle.dumps(add)))  # unpickled apart: a failure is the request's
+        async for ev in self.submit_all([add])[0]:
+            yield ev
+
+    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[AsyncIterator[Event]]:
+        """Adds the requests of one HTTP request (its n choices) as one message: the engine process adds them
+        together, between the same two steps, and what they share (a conversation and its pictures) crosses
+        the pipe once and is encoded once. -> one event iterator each; a consumer that leaves early cancels
+        its request. Raises TypeError for requests that cannot be pickled, EngineFailed after a failure."""
+        loop, keys = asyncio.get_running_loop(), [next(self._keys) for _ in adds]
+        try:  # unpickled apart from the message: a failure is these requests', not the engine's
+            message = pickle.dumps(("add", keys, pickle.dumps(list(adds))))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             raise TypeError(f"a request for the engine process must be picklable (no lambda or local "
                             f"function): {e}") from e
-        sub = _Submit(add, asyncio.Queue(), loop, loop.create_future())
+        subs = [_Submit(add, asyncio.Queue(), loop, loop.create_future()) for add in adds]
         with self._failing:
             if self.failure:
                 raise EngineFailed(self.failure)
-            self._streams[key] = sub
-            self._unacked.add(key)
+            self._streams.update(zip(keys, subs))
+            self._unacked.update(keys)
             self._outbox.put(message)
+        return [self._events(key, sub) for key, sub in zip(keys, subs)]
+
+    async def _events(self, key: int, sub: _Submit) -> AsyncIterator[Event]:
         try:
             await sub.ready  # raises what adding raised (bad input)
             async for ev in events_of(sub.events):

@@ -96,6 +96,10 @@ async def start(request: Request, add, *, admitted: bool = False) -> AsyncIterat
     return (await start_all(request, [add], admitted=admitted))[0]
 
 
+def _engine_failed(e: EngineFailed) -> APIError:
+    return APIError(503, f"the engine has failed ({e}); the server needs a restart", "service_unavailable")
+
+
 async def start_all(request: Request, adds: list, *, admitted: bool = False) -> list[AsyncIterator[Event]]:
     """Queues every part of a request (its n choices) at once, so that they are prefilled together; if one is
     refused, the others are cancelled and the refusal becomes the HTTP error. -> one event iterator each."""
@@ -104,7 +108,10 @@ async def start_all(request: Request, adds: list, *, admitted: bool = False) -> 
     # No await from here to the queue: the check and the queueing are one step for the event loop.
     if not admitted:
         _refuse_when_full(server, server.admitting)
-    streams = [server.engine.submit(add) for add in adds]
+    try:
+        streams = server.engine.submit_all(adds)
+    except EngineFailed as e:
+        raise _engine_failed(e) from e
     firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
     refused = next((f for f in firsts if isinstance(f, BaseException) or (
         f.kind == "done" and f.finish_reason == "error")), None)
@@ -114,8 +121,7 @@ async def start_all(request: Request, adds: list, *, admitted: bool = False) -> 
         if isinstance(refused, ValueError):  # the engine refused the input (a size it was not trained on, ...)
             raise APIError(400, str(refused)) from refused
         if isinstance(refused, EngineFailed):
-            raise APIError(503, f"the engine has failed ({refused}); the server needs a restart",
-                           "service_unavailable") from refused
+            raise _engine_failed(refused) from refused
         if isinstance(refused, BaseException):
             raise refused
         raise done_error(refused)
