@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from functools import partial
 
 from test_engine import make_engine
@@ -90,3 +92,32 @@ def test_queued_requests_count_as_waiting_before_the_caller_awaits(random_checkp
         engine.shutdown()
     assert queued[0] == 0 and queued[1] >= 3  # (briefly counted twice while being added: never fewer)
     assert [d.finish_reason for d in dones] == ["length"] * 3 and engine.load() == (0, 0)
+
+
+def test_requests_left_before_their_events_are_read_are_cancelled(random_checkpoint_dir):
+    """A stream closed before it was ever read (a caller cancelled between queueing and reading), and one
+    whose reader was cancelled while its request was being added, free their requests: nothing runs on
+    unread (each would decode 300 tokens, 20 ms a step)."""
+    engine = AsyncEngine(make_engine(random_checkpoint_dir))
+    engine.engine.fault_hook = lambda phase, reqs: time.sleep(0.02) if phase == "decode" else None
+    engine.start()
+    long = partial(Engine.add_text, prompt=PROMPT, params=SamplingParams(max_tokens=300, ignore_eos=True))
+
+    async def scenario():
+        never_read, left_early = engine.submit_all([long, long])
+        await never_read.aclose()
+        reading = asyncio.ensure_future(anext(left_early))
+        await asyncio.sleep(0)  # the reader runs up to waiting for the add
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        for _ in range(60):
+            await asyncio.sleep(0.05)
+            if not engine.engine.requests and engine.load() == (0, 0):
+                return True
+        return False
+
+    try:
+        assert asyncio.run(scenario())
+    finally:
+        engine.shutdown()

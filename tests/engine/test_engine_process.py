@@ -172,6 +172,21 @@ def test_a_client_that_leaves_frees_its_request_in_the_engine_process(engine_pro
     assert engine_process.load() == (0, 0)
 
 
+def test_a_stream_closed_before_it_was_read_frees_its_request(engine_process):
+    async def scenario() -> int:
+        await engine_process.call(slow_decodes)
+        (stream,) = engine_process.submit_all([partial(Engine.add_text, prompt=PROMPT,
+                                                       params=SamplingParams(max_tokens=500, ignore_eos=True))])
+        await stream.aclose()  # never read: its add and then its cancel cross the pipe, in that order
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            if await engine_process.call(live_requests) == 0 and engine_process.load() == (0, 0):
+                return True
+        return False
+
+    assert asyncio.run(scenario())
+
+
 def test_bad_input_is_refused_to_its_caller_and_the_engine_serves_on(engine_process):
     async def bad_then_good():
         with pytest.raises(ValueError, match="size"):

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from .engine import Engine
@@ -40,6 +41,31 @@ class _Submit:
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     ready: asyncio.Future
+    rid: str | None = None  # once added (set on the engine thread)
+    cancelled: bool = False  # left by its consumer before it was added (engine thread)
+
+
+class RequestStream:
+    """One queued request's events, until its done event (an async iterator over `events`, an async generator
+    that cancels its request when left before the end). `aclose()` also cancels a request whose events were
+    never read (`cancel()`), which closing a generator that never ran would not: a caller cancelled between
+    queueing and reading (server/serving.py start_all) leaves nothing running."""
+
+    def __init__(self, events: AsyncIterator[Event], cancel: Callable[[], None]):
+        self._events, self._cancel, self._started = events, cancel, False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        self._started = True  # here, not in __anext__'s caller: set once this coroutine runs
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        if self._started:
+            await self._events.aclose()
+        else:
+            self._cancel()
 
 
 class AsyncEngine:
@@ -76,14 +102,17 @@ class AsyncEngine:
     async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
         """Adds a request (on the engine thread) and yields its events until its done event. Token events
         that queued up while the consumer was busy come as one (text, token ids and log-probabilities joined)."""
-        async for ev in self.submit_all([add])[0]:
-            yield ev
+        stream = self.submit_all([add])[0]
+        try:
+            async for ev in stream:
+                yield ev
+        finally:
+            await stream.aclose()
 
-    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[AsyncIterator[Event]]:
+    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[RequestStream]:
         """Queues the requests of one HTTP request (its n choices) at once, before this returns: the engine
         thread adds them together, between the same two steps, and `load()` counts them from now (admission
-        reads it). -> one event iterator each; a consumer that leaves early cancels its request. Raises
-        EngineFailed after a failure."""
+        reads it). -> one RequestStream each. Raises EngineFailed after a failure."""
         loop = asyncio.get_running_loop()
         subs = [_Submit(add, asyncio.Queue(), loop, loop.create_future()) for add in adds]
         with self._failing:
@@ -92,19 +121,18 @@ class AsyncEngine:
             with self._queued_lock:
                 self._queued += len(subs)
             self._inbox.put(subs)
-        return [self._events(sub) for sub in subs]
+        return [RequestStream(self._events(sub), partial(self._cancels.put, sub)) for sub in subs]
 
     async def _events(self, sub: _Submit) -> AsyncIterator[Event]:
-        request_id = None
+        finished = False
         try:
-            request_id = await sub.ready  # raises what adding raised (bad input)
+            await sub.ready  # raises what adding raised (bad input)
             async for ev in events_of(sub.events):
                 yield ev
+            finished = True
         finally:
-            if request_id is None and sub.ready.done() and not sub.ready.cancelled() and not sub.ready.exception():
-                request_id = sub.ready.result()  # left while the request was being added
-            if request_id in self._streams:  # the consumer left early: free what the request holds
-                self._cancels.put(request_id)
+            if not finished:  # the consumer left early (even before the add): the engine thread frees it
+                self._cancels.put(sub)
 
     async def call(self, fn: Callable[[Engine, StepObserver | None], object]) -> object:
         """fn(engine, observer) -> its result, run here (on the caller's thread): for what may read the engine
@@ -124,8 +152,12 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
                     notify(sub.loop, _set_exception, sub.ready, e)
                 else:
-                    self._streams[rid] = sub
-                    notify(sub.loop, _set_result, sub.ready, rid)
+                    sub.rid = rid
+                    if sub.cancelled:
+                        observed_cancel(self.engine, self.metrics, rid)
+                    else:
+                        self._streams[rid] = sub
+                        notify(sub.loop, _set_result, sub.ready, rid)
                 with self._queued_lock:  # counted until the scheduler counts it
                     self._queued -= 1
 
@@ -146,9 +178,11 @@ class AsyncEngine:
     def _iteration(self) -> None:
         self._drain_inbox()
         while not self._cancels.empty():
-            rid = self._cancels.get_nowait()
-            self._streams.pop(rid, None)
-            observed_cancel(self.engine, self.metrics, rid)
+            sub = self._cancels.get_nowait()
+            if sub.rid is None:
+                sub.cancelled = True  # still in the inbox: cancelled as it is added
+            elif self._streams.pop(sub.rid, None) is not None:
+                observed_cancel(self.engine, self.metrics, sub.rid)
         if not self.engine.has_work():
             time.sleep(0.002)
             return

@@ -24,10 +24,11 @@ import pickle
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from multiprocessing.connection import wait
 
-from .async_engine import (EngineFailed, StepObserver, _set_exception, _set_result, _Submit, deliver, events_of,
-                           notify)
+from .async_engine import (EngineFailed, RequestStream, StepObserver, _set_exception, _set_result, _Submit, deliver,
+                           events_of, notify)
 from .engine import Engine
 from .engine_core import EngineSpec, engine_main
 from .request import Event
@@ -98,14 +99,18 @@ class EngineProcess:
     async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
         """Adds a request (in the engine process) and yields its events until its done event, as
         AsyncEngine.submit does. Raises TypeError for an `add` that cannot be pickled."""
-        async for ev in self.submit_all([add])[0]:
-            yield ev
+        stream = self.submit_all([add])[0]
+        try:
+            async for ev in stream:
+                yield ev
+        finally:
+            await stream.aclose()
 
-    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[AsyncIterator[Event]]:
+    def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[RequestStream]:
         """Adds the requests of one HTTP request (its n choices) as one message: the engine process adds them
         together, between the same two steps, and what they share (a conversation and its pictures) crosses
-        the pipe once and is encoded once. -> one event iterator each; a consumer that leaves early cancels
-        its request. Raises TypeError for requests that cannot be pickled, EngineFailed after a failure."""
+        the pipe once and is encoded once. -> one RequestStream each. Raises TypeError for requests that cannot
+        be pickled, EngineFailed after a failure."""
         loop, keys = asyncio.get_running_loop(), [next(self._keys) for _ in adds]
         try:  # unpickled apart from the message: a failure is these requests', not the engine's
             message = pickle.dumps(("add", keys, pickle.dumps(list(adds))))
@@ -119,7 +124,7 @@ class EngineProcess:
             self._streams.update(zip(keys, subs))
             self._unacked.update(keys)
             self._outbox.put(message)
-        return [self._events(key, sub) for key, sub in zip(keys, subs)]
+        return [RequestStream(self._events(key, sub), partial(self._cancel, key)) for key, sub in zip(keys, subs)]
 
     async def _events(self, key: int, sub: _Submit) -> AsyncIterator[Event]:
         try:
@@ -127,8 +132,12 @@ class EngineProcess:
             async for ev in events_of(sub.events):
                 yield ev
         finally:
-            if self._streams.pop(key, None) is not None:  # the consumer left early: free what it holds
-                self._outbox.put(pickle.dumps(("cancel", key)))
+            self._cancel(key)
+
+    def _cancel(self, key: int) -> None:
+        """Frees a request the consumer left before its end (after its add: the pipe keeps them in order)."""
+        if self._streams.pop(key, None) is not None:
+            self._outbox.put(pickle.dumps(("cancel", key)))
 
     async def call(self, fn: Callable[[Engine, StepObserver | None], object]) -> object:
         """fn(engine, observer) run in the engine process between two steps -> its (picklable) result; the

@@ -112,12 +112,17 @@ async def start_all(request: Request, adds: list, *, admitted: bool = False) -> 
         streams = server.engine.submit_all(adds)
     except EngineFailed as e:
         raise _engine_failed(e) from e
-    firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    try:
+        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    except BaseException:  # cancelled (a shutdown): not one request may run on unread
+        for s in streams:
+            await s.aclose()
+        raise
     refused = next((f for f in firsts if isinstance(f, BaseException) or (
         f.kind == "done" and f.finish_reason == "error")), None)
     if refused is not None:
         for s in streams:
-            await s.aclose()  # AsyncEngine.submit's `finally` cancels a request that was queued
+            await s.aclose()  # cancels a request that was queued (engine/async_engine.py RequestStream)
         if isinstance(refused, ValueError):  # the engine refused the input (a size it was not trained on, ...)
             raise APIError(400, str(refused)) from refused
         if isinstance(refused, EngineFailed):
@@ -163,7 +168,7 @@ async def final_all(request: Request, streams: list[AsyncIterator[Event]]) -> li
     await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     watcher.cancel()
     if not task.done():
-        task.cancel()  # CancelledError reaches AsyncEngine.submit, whose `finally` cancels the request
+        task.cancel()  # CancelledError reaches the engine's stream, whose `finally` cancels the request
         with contextlib.suppress(asyncio.CancelledError):
             await task
         raise APIError(499, "the client closed the request", "client_closed_request")
