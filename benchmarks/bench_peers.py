@@ -73,6 +73,7 @@ async def http_wave(url: str, concurrency: int, max_tokens: int) -> dict:
     streams of the demo)."""
     out = {"tokens": 0, "ttft": [], "itl": []}
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    url = url.rstrip("/")
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as session:
         async with session.get(url + "/v1/models") as r:
             model = (await r.json())["data"][0]["id"]  # the name each server serves under

@@ -1,12 +1,16 @@
-"""The project's C++ kernels for the CPU (cpu_linear.cpp, cpu_attention.cpp), compiled together on first use for this machine's processor (-march=native)
-by torch.utils.cpp_extension and cached by torch (~/.cache/torch_extensions); about 40 s the first time."""
+"""The project's C++ kernels for the CPU (cpu_linear.cpp, cpu_attention.cpp), compiled together on first use for
+this machine's processor (-march=native) by torch.utils.cpp_extension and cached by torch
+(~/.cache/torch_extensions); 20-40 s the first time."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +28,26 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+# No build takes this long; a lock older than this is left by a build that was killed.
+STALE_LOCK_S = 600
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's extension builder waits, with no time limit, while a lock file from another build exists: a build
+    killed half-way (Ctrl-C, a start-up timeout) would hang every later start. Removes such a lock."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, RuntimeError):  # no lock (the usual case), or no build directory
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by a build of the CPU kernels that did not finish", lock, age)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
 @functools.cache
 def _build() -> bool:
     """Builds (or loads from torch's cache) one extension with every C++ kernel; False where it cannot be built."""
@@ -31,8 +55,10 @@ def _build() -> bool:
 
     arch = "-march=native" if platform.machine() in ("x86_64", "AMD64", "i686") else "-mcpu=native"
     sources = [str(Path(__file__).with_name(name)) for name in ("cpu_linear.cpp", "cpu_attention.cpp")]
+    name = f"xfusion_cpu_kernels_{_cpu_tag()}"
+    _clear_stale_lock(name)
     try:
-        load(name=f"xfusion_cpu_kernels_{_cpu_tag()}", sources=sources, extra_cflags=["-O3", "-fopenmp", arch],
+        load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", arch],
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: no kernel here
         log.warning("the CPU kernels could not be built (%s: %s); using torch's ops", type(e).__name__, e)

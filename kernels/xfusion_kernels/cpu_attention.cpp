@@ -48,16 +48,19 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
               "cpu_paged_decode: block_tables and seq_lens must be int32");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "cpu_paged_decode: kv_cache must be a contiguous [2, blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "cpu_paged_decode: q, k and v must be 3-D");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), d = q_in.size(2);
   const int64_t blocks = kv_cache.size(1), bs = kv_cache.size(2), Hkv = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == d && d % 16 == 0, "cpu_paged_decode: head_dim must match and be a multiple of 16");
-  TORCH_CHECK(Hq % Hkv == 0, "cpu_paged_decode: query heads must be a multiple of KV heads");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "cpu_paged_decode: query heads must be a multiple of KV heads");
   TORCH_CHECK(k_in.sizes() == v_in.sizes() && k_in.size(0) == B && k_in.size(1) == Hkv && k_in.size(2) == d,
               "cpu_paged_decode: k and v must be [B, kv_heads, head_dim]");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && seq_lens.numel() == B,
               "cpu_paged_decode: block_tables [B, M] and seq_lens [B]");
   const int64_t G = Hq / Hkv, M = block_tables.size(1);
-  auto q = q_in.contiguous(), k_new = k_in.contiguous(), v_new = v_in.contiguous();
+  // The engine passes head-major views of token-major tensors: any strides but along head_dim, no copy.
+  auto rows = [](const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); };
+  auto q = rows(q_in), k_new = rows(k_in), v_new = rows(v_in);
   auto tables = block_tables.contiguous(), lens = seq_lens.contiguous();
   const int32_t* lp = lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
@@ -66,7 +69,7 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
   for (int64_t i = 0; i < B * M; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < blocks, "cpu_paged_decode: block id out of range");
 
-  auto out = at::empty_like(q);
+  auto out = at::empty({B, Hq, d}, q.options());  // contiguous, whatever the strides of q
   const float* qp = q.data_ptr<float>();
   const float* kc = kv_cache.data_ptr<float>();
   const float* vc = kc + blocks * bs * Hkv * d;
@@ -74,6 +77,8 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
   const float* vn = v_new.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k_new.stride(0), ks1 = k_new.stride(1);
+  const int64_t vs0 = v_new.stride(0), vs1 = v_new.stride(1);
   const int64_t token_stride = Hkv * d;  // between two tokens of one block
 
   at::parallel_for(0, B * Hkv, 4, [&](int64_t w0, int64_t w1) {
@@ -83,15 +88,15 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
       const int32_t* table = tp + b * M;
       scores.assign(G * L, 0.f);
       auto key = [&](int64_t t) {
-        return t < L - 1 ? kc + (table[t / bs] * bs + t % bs) * token_stride + h * d : kn + (b * Hkv + h) * d;
+        return t < L - 1 ? kc + (table[t / bs] * bs + t % bs) * token_stride + h * d : kn + b * ks0 + h * ks1;
       };
       auto value = [&](int64_t t) {
-        return t < L - 1 ? vc + (table[t / bs] * bs + t % bs) * token_stride + h * d : vn + (b * Hkv + h) * d;
+        return t < L - 1 ? vc + (table[t / bs] * bs + t % bs) * token_stride + h * d : vn + b * vs0 + h * vs1;
       };
-      const float* qh = qp + (b * Hq + h * G) * d;  // this KV head's G query heads, consecutive
+      const float* qh = qp + b * qs0 + h * G * qs1;  // this KV head's G query heads, qs1 apart
       for (int64_t t = 0; t < L; ++t) {
         const float* kt = key(t);
-        for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qh + g * d, kt, d) * scale;
+        for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qh + g * qs1, kt, d) * scale;
       }
       float* oh = op + (b * Hq + h * G) * d;
       for (int64_t g = 0; g < G; ++g) {

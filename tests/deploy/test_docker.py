@@ -50,6 +50,8 @@ def test_the_image_settings_exist_in_the_server(monkeypatch, app_client, variant
         # each sequence's tokens of the CUDA graphs' whole-context tables
         assert config.engine.attention_backend == "triton"
         assert config.engine.compile_decode and config.engine.compile_denoise, "GPU steps run as CUDA graphs"
+    else:  # the project's C++ decode attention, built for the host at start-up (needs g++, below)
+        assert config.engine.attention_backend == "cpu"
     # torch.compile builds its kernels at start-up: Triton's launcher in C on GPU, C++ kernels on the CPU.
     runtime = " ".join(rest for k, rest in img["all_instructions"] if k == "RUN" and "apt-get install" in rest)
     assert "python3-dev" in runtime and ("gcc" if variant == "gpu" else "g++") in runtime

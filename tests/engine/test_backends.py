@@ -21,7 +21,7 @@ from xfusion_serve.model.attention import FlashAttnBackend, TorchBackend
 def test_triton_backend_agrees_with_torch(random_checkpoint_dir):
     pytest.importorskip("triton")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    torch_engine, triton_engine = make_engine(random_checkpoint_dir), make_engine(
+    torch_engine, triton_engine = make_engine(random_checkpoint_dir, attention_backend="torch"), make_engine(
         random_checkpoint_dir, attention_backend="triton")
     assert run_text(triton_engine, PROMPTS, params) == run_text(torch_engine, PROMPTS, params)
     image = shape_sample(2, 1)[1]

@@ -48,8 +48,15 @@ def hf_greedy(path, prompt: list[int], max_new: int) -> list[int]:
     return out[len(prompt):].tolist()
 
 
-def test_greedy_chat_equals_transformers_batched_and_paged(random_checkpoint_dir):
-    engine = make_engine(random_checkpoint_dir)  # blocks of 4 tokens: every sequence crosses several
+# The CPU default ("cpu", the project's C++ decode) and the reference every other device and dtype uses ("torch").
+BACKENDS = pytest.mark.parametrize("backend", ["cpu", "torch"])
+
+
+@BACKENDS
+def test_greedy_chat_equals_transformers_batched_and_paged(random_checkpoint_dir, backend):
+    # blocks of 4 tokens: every sequence crosses several
+    engine = make_engine(random_checkpoint_dir, attention_backend=backend)
+    assert engine.config.attention_backend == backend
     outputs = run_text(engine, PROMPTS, SamplingParams(max_tokens=16))
     for p, out in zip(PROMPTS, outputs):
         expected = hf_greedy(random_checkpoint_dir, p, 16)
@@ -58,8 +65,9 @@ def test_greedy_chat_equals_transformers_batched_and_paged(random_checkpoint_dir
     assert_all_free(engine)
 
 
-def test_caption_tokens_equal_uncached(random_checkpoint_dir):
-    engine = make_engine(random_checkpoint_dir)
+@BACKENDS
+def test_caption_tokens_equal_uncached(random_checkpoint_dir, backend):
+    engine = make_engine(random_checkpoint_dir, attention_backend=backend)
     images = [shape_sample(5, i)[1] for i in range(3)]
     for instruction in ("", "describe the image"):
         reqs = [engine.requests[engine.add_caption(im, instruction, SamplingParams(max_tokens=8))] for im in images]

@@ -134,8 +134,11 @@ def test_the_choices_of_one_request_cross_together_and_share_their_pictures(rand
 
     async def choices():
         await engine_process.call(count_encodes)
+        held = asyncio.ensure_future(engine_process.call(hold))
+        await asyncio.sleep(0.2)  # the engine process sleeps in the hold: nothing is added or stepped
         streams = engine_process.submit_all(adds)
         queued.append(engine_process.load())
+        await held
         answers = await asyncio.gather(*(drain(s) for s in streams))
         return answers, await engine_process.call(encodes)
 

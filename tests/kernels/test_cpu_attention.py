@@ -89,6 +89,8 @@ def test_reads_nothing_past_a_sequence_or_outside_its_table():
     (lambda a: (*a[:3], a[3] + 20, *a[4:]), "seq_lens"),
     (lambda a: (*a[:3], torch.zeros_like(a[3]), *a[4:]), "seq_lens"),
     (lambda a: (*a[:4], a[4][:, :1], a[5][:, :1]), "k and v"),
+    (lambda a: (a[0][:, None], *a[1:]), "3-D"),
+    (lambda a: (a[0], a[1][:, :, :, :0], *a[2:]), "multiple of KV heads"),
 ])
 def test_bad_input_raises_a_clear_error(bad, message):
     with pytest.raises(RuntimeError, match=message):
@@ -131,3 +133,22 @@ def test_a_head_size_it_cannot_serve(tmp_path, vae_dir):
     assert make_engine(ckpt).config.attention_backend == "torch"  # the default falls back, with a warning
     with pytest.raises(ValueError, match="multiple of 16, not 10"):
         make_engine(ckpt, attention_backend="cpu")
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """torch waits forever on another build's lock: one older than any build is a killed build's."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+    from xfusion_kernels import cpu
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    for name, age in (("killed", cpu.STALE_LOCK_S + 60), ("building", 5)):
+        (tmp_path / name).mkdir()
+        lock = tmp_path / name / "lock"
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+        cpu._clear_stale_lock(name)
+    assert not (tmp_path / "killed" / "lock").exists() and (tmp_path / "building" / "lock").exists()
+    cpu._clear_stale_lock("never built")  # no directory, no lock: nothing to do

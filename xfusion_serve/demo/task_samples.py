@@ -68,6 +68,8 @@ class TaskSamples:
         kind = rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
         task = make_task(self.cfg.data_seed, rng.getrandbits(48), TASK_OF.get(kind, kind))
         target = task.target_image if task.kind == "edit" else render(task.target, rng) if task.target else None
+        if kind not in IMAGE_ANSWERS:
+            target = None  # edit-text draws nothing: its target picture is not encoded
         return kind, task, target, rng, gen
 
     def _sample(self, kind: str, task: Task, target: Image.Image | None, rng: random.Random,

@@ -91,8 +91,8 @@ class CpuBackend(TorchBackend):
 
 
 def cpu_backend_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the "cpu" backend cannot serve here (None: it can). Building its kernel takes about 20 s the first
-    time on a machine (then torch's cache)."""
+    """Why the "cpu" backend cannot serve here (None: it can). Building its kernel takes 20-40 s the first time
+    on a machine (then torch's cache)."""
     if device.type != "cpu" or dtype != torch.float32:
         return "it computes float32 on the CPU"
     if head_dim % 16:
@@ -184,8 +184,7 @@ class FlashAttnBackend(TorchBackend):
         return self.with_kvcache(q[:, None], kv_cache[0], kv_cache[1], seq_lens, block_tables)[:, 0]
 
 
-def make_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 16
-                 ) -> TorchBackend:
+def make_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchBackend:
     """The backend called `name` for a model of `head_dim` in `dtype` on `device`. Raises ValueError where it
     cannot serve that."""
     if name == "torch":
