@@ -158,6 +158,28 @@ def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
     assert_all_free(compiled)
 
 
+def test_a_compile_chosen_by_size_that_fails_leaves_the_engine_eager(random_checkpoint_dir, monkeypatch):
+    """A large model compiles its decode step by default; where inductor cannot build (no C++ compiler), the
+    engine serves eagerly instead of not starting. Asked for explicitly, the failure is raised."""
+    import xfusion_serve.engine.engine as engine_module
+
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eager = run_text(make_engine(random_checkpoint_dir), PROMPTS, params)
+
+    def failing_compile(fn, **kw):
+        def compiled(*args):
+            raise RuntimeError("planted: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(engine_module, "COMPILE_DECODE_ON_CPU_FROM", 0)  # the test model counts as large
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    engine = make_engine(random_checkpoint_dir, compile_denoise=False)
+    assert engine.config.compile_decode is False and engine.runner.captured is None
+    assert run_text(engine, PROMPTS, params) == eager
+    with pytest.raises(RuntimeError, match="planted"):
+        make_engine(random_checkpoint_dir, compile_decode=True)
+
+
 def test_a_request_on_blocks_another_freed_never_sees_its_prompt(random_checkpoint_dir):
     """Prompt K/V are gathered from the pool once per batch of requests and kept across steps; a later
     request reuses freed blocks for a different prompt of the same length, so they must not outlive it."""

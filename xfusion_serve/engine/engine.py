@@ -55,10 +55,18 @@ class Engine(RequestInputs, OfflineAPI):
                     cpu_kernels=large if c.cpu_kernels is None else c.cpu_kernels,
                     attention_backend=c.attention_backend or default_backend(
                         torch.device(c.device), getattr(torch, c.dtype), head_shape(ckpt.model.text_config)[1]))
-        self.ckpt, self.config = ckpt, c
         self.runner = ModelRunner(ckpt, c)
         if c.compile_decode:
-            self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
+            try:
+                self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
+            except Exception as e:
+                if (config or EngineConfig()).compile_decode is not None:
+                    raise  # asked for: a failure is the caller's to see
+                # chosen by size (no C++ compiler, an inductor bug): the model still serves, eagerly
+                log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                self.runner.drop_compiled_decode()
+                c = replace(c, compile_decode=False)
+        self.ckpt, self.config = ckpt, c
         if c.compile_denoise:
             self.runner.compile_denoise()
         self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,

@@ -145,6 +145,10 @@ class ModelRunner:
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.capture_graphs()
 
+    def drop_compiled_decode(self) -> None:
+        """Back to the eager decode step (a compile that failed)."""
+        self.captured, self.captured_batches, self.table_width = None, (), 0
+
     @torch.no_grad()
     def capture_graphs(self) -> None:
         """Runs the compiled decode step at every shape it is compiled for, on rows of padding (they write to the
