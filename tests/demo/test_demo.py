@@ -92,9 +92,9 @@ class InApp:
             return list(pool.map(fn, items))
 
 
-# Issue 18's targets that the shipped checkpoint misses (its manifest: edits 62.5-89.3% where 90% is asked, two
-# pictures 76% where 85%). Strict: when a checkpoint that meets them is shipped, the marker must go. Only a
-# missed figure (AssertionError) is expected.
+# Issue 18's targets that the shipped checkpoint misses (its manifest, 300 tasks: drawing from full prompts 95.2%
+# colour and 92.7% shape where 97% is asked, edits' changed colour 89.0% where 90%). Strict: when a checkpoint
+# that meets them is shipped, the marker must go. Only a missed figure (AssertionError) is expected.
 NOT_YET = pytest.mark.xfail(strict=True, raises=AssertionError,
                             reason="issue 18: the embedded default misses some of its targets")
 
@@ -105,9 +105,8 @@ def test_a_handful_of_conversation_tasks_are_well_above_chance(client):
     position 1/9, yes/no 1/2."""
     acc = task_accuracy(InApp(client), 40)  # ~40 samples a cell: a full eval's 83% can show as 56% in 16
     print(task_report(acc))
-    # well above chance; position 0.4 (3.6x chance): moving a shape is the checkpoint's weakest edit (62.5% in
-    # its full eval, about 10 such edits here)
-    floor = {"color": 0.6, "shape": 0.6, "size": 0.75, "position": 0.4, "yes/no": 0.7}
+    # well above chance (about 10 samples a cell for the edits' changed attribute)
+    floor = {"color": 0.6, "shape": 0.6, "size": 0.75, "position": 0.6, "yes/no": 0.7}
     for row, cols in acc.items():
         for column, value in cols.items():
             assert value >= floor[column], (row, column, value)
