@@ -99,15 +99,11 @@ class AsyncEngine:
         s = self.engine.scheduler
         return len(s.text) + len(s.images), len(s.waiting) + self._queued
 
-    async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
-        """Adds a request (on the engine thread) and yields its events until its done event. Token events
-        that queued up while the consumer was busy come as one (text, token ids and log-probabilities joined)."""
-        stream = self.submit_all([add])[0]
-        try:
-            async for ev in stream:
-                yield ev
-        finally:
-            await stream.aclose()
+    def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
+        """Adds a request (on the engine thread, once iterated) and yields its events until its done event.
+        Token events that queued up while the consumer was busy come as one (text, token ids and
+        log-probabilities joined)."""
+        return one_request(lambda: self.submit_all([add])[0])
 
     def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[RequestStream]:
         """Queues the requests of one HTTP request (its n choices) at once, before this returns: the engine
@@ -208,6 +204,17 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self.running and self._thread.is_alive()
+
+
+async def one_request(submit: Callable[[], RequestStream]) -> AsyncIterator[Event]:
+    """The events of the request `submit()` queues when this is first iterated; closing this closes its stream
+    (and so cancels the request if it is not done)."""
+    stream = submit()
+    try:
+        async for ev in stream:
+            yield ev
+    finally:
+        await stream.aclose()
 
 
 async def events_of(events: asyncio.Queue) -> AsyncIterator[Event]:

@@ -28,7 +28,7 @@ from functools import partial
 from multiprocessing.connection import wait
 
 from .async_engine import (EngineFailed, RequestStream, StepObserver, _set_exception, _set_result, _Submit, deliver,
-                           events_of, notify)
+                           events_of, notify, one_request)
 from .engine import Engine
 from .engine_core import EngineSpec, engine_main
 from .request import Event
@@ -96,15 +96,10 @@ class EngineProcess:
         return running, waiting + len(self._unacked)
 
     # ---- requests ----------------------------------------------------------------------------------------
-    async def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
-        """Adds a request (in the engine process) and yields its events until its done event, as
-        AsyncEngine.submit does. Raises TypeError for an `add` that cannot be pickled."""
-        stream = self.submit_all([add])[0]
-        try:
-            async for ev in stream:
-                yield ev
-        finally:
-            await stream.aclose()
+    def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
+        """Adds a request (in the engine process, once iterated) and yields its events until its done event,
+        as AsyncEngine.submit does. Raises TypeError for an `add` that cannot be pickled."""
+        return one_request(lambda: self.submit_all([add])[0])
 
     def submit_all(self, adds: list[Callable[[Engine], str]]) -> list[RequestStream]:
         """Adds the requests of one HTTP request (its n choices) as one message: the engine process adds them
