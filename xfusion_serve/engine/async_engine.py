@@ -46,10 +46,10 @@ class _Submit:
 
 
 class RequestStream:
-    """One queued request's events, until its done event (an async iterator over `events`, an async generator
-    that cancels its request when left before the end). `aclose()` also cancels a request whose events were
-    never read (`cancel()`), which closing a generator that never ran would not: a caller cancelled between
-    queueing and reading (server/serving.py start_all) leaves nothing running."""
+    """One queued request's events until its done event: an async iterator over `events`, an async generator
+    that cancels its request when left before the end. `aclose()` of a stream never read calls `cancel`
+    instead (closing a generator that never ran runs none of its code): a caller cancelled between queueing
+    and reading (server/serving.py start_all) leaves nothing running."""
 
     def __init__(self, events: AsyncIterator[Event], cancel: Callable[[], None]):
         self._events, self._cancel, self._started = events, cancel, False
