@@ -96,8 +96,8 @@ class AsyncEngine:
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
-        s = self.engine.scheduler
-        return len(s.text) + len(s.images), len(s.waiting) + self._queued
+        running, waiting = self.engine.scheduler.load()
+        return running, waiting + self._queued
 
     def submit(self, add: Callable[[Engine], str]) -> AsyncIterator[Event]:
         """Adds a request (on the engine thread, once iterated) and yields its events until its done event.

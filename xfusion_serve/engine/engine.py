@@ -49,6 +49,7 @@ class Engine(RequestInputs, OfflineAPI):
 
     def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None):
         c = config or EngineConfig()
+        compile_asked = c.compile_decode is not None
         # What the config leaves to the model's size: a large model pays a start-up compile back quickly.
         large = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
         c = replace(c, compile_decode=large if c.compile_decode is None else c.compile_decode,
@@ -60,7 +61,7 @@ class Engine(RequestInputs, OfflineAPI):
             try:
                 self.runner.compile_decode(ckpt.model.text_config.max_position_embeddings)
             except Exception as e:
-                if (config or EngineConfig()).compile_decode is not None:
+                if compile_asked:
                     raise  # asked for: a failure is the caller's to see
                 # chosen by size (no C++ compiler, an inductor bug): the model still serves, eagerly
                 log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)

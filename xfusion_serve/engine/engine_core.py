@@ -105,9 +105,6 @@ class _Core:
             elif self.engine.has_work():
                 self._step()
 
-    def _load(self) -> tuple[int, int]:
-        s = self.engine.scheduler
-        return len(s.text) + len(s.images), len(s.waiting)
 
     def _handle(self, kind: str, *args) -> bool:
         if kind == "stop":
@@ -118,22 +115,22 @@ class _Core:
                 adds = pickle.loads(adds)
             except Exception as e:  # noqa: BLE001 - requests that cannot be read are theirs to fail
                 for key in keys:
-                    _send(self.conn, ("added", key, _picklable(e), self._load()))
+                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load()))
                 return True
             for key, add in zip(keys, adds):
                 try:
                     rid = add(self.engine)
                 except Exception as e:  # noqa: BLE001 - bad input is its request's own
-                    _send(self.conn, ("added", key, _picklable(e), self._load()))
+                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load()))
                     continue
                 self.ids[key], self.keys[rid] = rid, key
-                _send(self.conn, ("added", key, None, self._load()))
+                _send(self.conn, ("added", key, None, self.engine.scheduler.load()))
         elif kind == "cancel":
             rid = self.ids.pop(args[0], None)
             if rid is not None:
                 self.keys.pop(rid, None)
                 observed_cancel(self.engine, self.observer, rid)
-                _send(self.conn, ("load", self._load()))
+                _send(self.conn, ("load", self.engine.scheduler.load()))
         elif kind == "call":
             key, fn = args
             try:
@@ -156,7 +153,7 @@ class _Core:
                 batch.append((key, ev))
                 if ev.kind == "done":
                     del self.keys[ev.request_id], self.ids[key]
-        _send(self.conn, ("events", batch, self._load()))
+        _send(self.conn, ("events", batch, self.engine.scheduler.load()))
 
 
 def _picklable(e: Exception) -> Exception:

@@ -170,3 +170,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.text or self.images)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests, as admission and the metrics count them."""
+        return len(self.text) + len(self.images), len(self.waiting)
