@@ -43,11 +43,9 @@ class TextRequest:
 
     def __post_init__(self):
         self.generator = self.params.generator()
-        self.prompt_len = sequence_length(self.prompt, self.patch_size)  # read every step: counted once
-
-    @property
-    def has_images(self) -> bool:
-        return not text_only(self.prompt)
+        # Read every step (the scheduler, the metrics) and fixed for life: found once.
+        self.prompt_len = sequence_length(self.prompt, self.patch_size)
+        self.has_images = not text_only(self.prompt)
 
     @property
     def length(self) -> int:
