@@ -109,14 +109,14 @@ def test_the_task_eval_scores_right_answers_right_and_wrong_ones_wrong(monkeypat
     from xfusion_serve.demo import evaluate_tasks
     from xfusion_serve.demo.shapes import render
 
-    def oracle(client, task, seed, text_first):
+    def oracle(client, task, seed, text_first, sampler):
         if task.kind == "edit":
             return task.target_image
         if task.kind == "draw":
             return render(task.target, random.Random(seed))
         return f"It is {task.answer}."
 
-    def liar(client, task, seed, text_first):
+    def liar(client, task, seed, text_first, sampler):
         if task.kind in ("draw", "edit"):
             return task.pictures[0] if task.pictures else render(shapes_other(task.target), random.Random(seed))
         return {"yes": "no", "no": "yes"}.get(task.answer, "I do not know")
@@ -163,9 +163,21 @@ def test_the_task_eval_asks_for_text_then_image_unless_told_to_draw_directly():
             self.bodies.append(body)
             return {"choices": [{"message": {"content": "a", "images": [{"image_url": {"url": url}}]}}]}
 
+        def _map(self, fn, items):
+            return [fn(x) for x in items]
+
     client = Recorder()
     for text_first in (True, False):
-        evaluate_tasks._answer(client, make_task(0, 0, "draw"), 3, text_first)
-        evaluate_tasks._answer(client, make_task(0, 0, "edit"), 3, text_first)
+        evaluate_tasks._answer(client, make_task(0, 0, "draw"), 3, text_first, {})
+        evaluate_tasks._answer(client, make_task(0, 0, "edit"), 3, text_first, {})
     assert [b["modalities"] for b in client.bodies] == [["text", "image"]] * 2 + [["image"]] * 2
-    assert all(b["seed"] == 3 for b in client.bodies)
+    assert all(b["seed"] == 3 and "guidance_scale" not in b for b in client.bodies)
+
+    # The sampler fields of a sweep (benchmarks/sweep_guidance.py) reach every drawing and edit, and only them.
+    client.bodies.clear()
+    acc = evaluate_tasks.task_accuracy(client, 3, kinds=("draw", "question", "edit"),
+                                       sampler={"guidance_scale": 2.5, "steps": 7})
+    images = [b for b in client.bodies if "modalities" in b]
+    assert len(images) == 6 and len(client.bodies) == 9 and "question" in acc and "describe" not in acc
+    assert all(b["guidance_scale"] == 2.5 and b["steps"] == 7 for b in images)
+    assert not any("guidance_scale" in b for b in client.bodies if "modalities" not in b)

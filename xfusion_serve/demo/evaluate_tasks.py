@@ -18,6 +18,7 @@ from .evaluate import EVAL_SEED, OverHTTP
 from .tasks import QUESTIONS, Task, make_task
 
 TASK_SEED = EVAL_SEED + 7  # fresh: never a training seed
+KINDS = ("draw", "question", "describe", "edit", "compare")
 
 
 def openai_messages(task: Task) -> list[dict]:
@@ -33,29 +34,30 @@ def openai_messages(task: Task) -> list[dict]:
     return out
 
 
-def _answer(client: OverHTTP, task: Task, seed: int, text_first: bool) -> str | Image.Image:
+def _answer(client: OverHTTP, task: Task, seed: int, text_first: bool, sampler: dict) -> str | Image.Image:
     body = {"messages": openai_messages(task), "max_tokens": 24}
     if task.target is not None:  # draw or edit: (the caption of what it draws, then) the image
-        body |= {"modalities": ["text", "image"] if text_first else ["image"], "seed": seed}
+        body |= {"modalities": ["text", "image"] if text_first else ["image"], "seed": seed, **sampler}
         url = client._post("/v1/chat", body)["choices"][0]["message"]["images"][0]["image_url"]["url"]
         return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     return client._post("/v1/chat", body)["choices"][0]["message"]["content"]
 
 
-def task_accuracy(client: OverHTTP, n: int, seed: int = TASK_SEED, text_first: bool = True
-                  ) -> dict[str, dict[str, float]]:
-    """n tasks of each kind -> {row: {column: accuracy}}; rows: draw (full), draw (partial), question,
-    describe, edit, compare. `text_first`: drawings and edits asked with modalities ["text", "image"] (the
-    recipe's CAPTION_FIRST), else ["image"] (the first demo's way)."""
+def task_accuracy(client: OverHTTP, n: int, seed: int = TASK_SEED, text_first: bool = True,
+                  kinds: tuple[str, ...] = KINDS, sampler: dict | None = None) -> dict[str, dict[str, float]]:
+    """n tasks of each of `kinds` -> {row: {column: accuracy}}; rows: draw (full), draw (partial), question,
+    describe, edit (changed), edit (kept), compare. `text_first`: drawings and edits asked with modalities
+    ["text", "image"] (the recipe's CAPTION_FIRST), else ["image"] (the first demo's way). `sampler`: fields
+    added to every drawing and edit request (e.g. {"guidance_scale": 2.0}; default: the server's)."""
     which = {q: a for a, qs in QUESTIONS.items() for q in qs}
     rows: dict[str, dict[str, list[bool]]] = {}
 
     def hit(row: str, column: str, ok: bool) -> None:
         rows.setdefault(row, {}).setdefault(column, []).append(ok)
 
-    tasks = [make_task(seed, i, kind) for kind in ("draw", "question", "describe", "edit", "compare")
-             for i in range(n)]
-    answers = client._map(lambda it: _answer(client, it[1], seed + it[0], text_first), list(enumerate(tasks)))
+    tasks = [make_task(seed, i, kind) for kind in kinds for i in range(n)]
+    answers = client._map(lambda it: _answer(client, it[1], seed + it[0], text_first, sampler or {}),
+                          list(enumerate(tasks)))
     for t, answer in zip(tasks, answers):
         text = t.messages[-1]["content"][-1]["text"]
         if t.kind == "draw":
