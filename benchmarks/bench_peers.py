@@ -8,9 +8,11 @@ weights make texts short; each server takes `ignore_eos`), through streaming `/v
 usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
-xfusion-serve's engine in this process, with no HTTP: the same waves, for the HTTP overhead; "xfusion" is
+xfusion-serve's engine in this process with the server's engine settings, with no HTTP: the same waves, for the
+HTTP overhead ("engine-eager": its decode step not compiled); "xfusion" is
 the server as it runs by default (its engine in a process of its own), "xfusion-thread" the server with its
-engine on a thread of its own process (`--no-engine-process`). RSS is the server's whole process tree.
+engine on a thread of its own process (`--no-engine-process`); `--variant NAME=OPTIONS` adds a server with other
+serve options to the same rounds, for settings side by side. RSS is the server's whole process tree.
 Set-up of the peers (first run, minutes): see benchmarks/peers.py. Not part of the test suite.
 """
 
@@ -89,10 +91,13 @@ class InProcess:
 
     name, precision = "engine (in-process)", "float32"
 
-    def __init__(self, checkpoint: Path, dtype: str):
+    def __init__(self, checkpoint: Path, dtype: str, compile_decode: bool | None = None):
         from xfusion_serve import Engine, EngineConfig
 
-        self.engine = Engine.from_checkpoint(checkpoint, EngineConfig(dtype=dtype))
+        config = EngineConfig(dtype=dtype, compile_decode=compile_decode, compile_decode_from=0)  # as `serve`'s
+        self.engine = Engine.from_checkpoint(checkpoint, config)
+        self.engine.warm_up()
+        self.engine.capture_graphs()
         self.precision = dtype
         import torch
 
@@ -142,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="ours (the peers run float32 / f32 GGUF)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "xfusion-serve" / "peers")
     p.add_argument("--xfusion-args", default="", help="extra `xfusion-serve serve` options")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="one more xfusion-serve server in the same rounds, named NAME, with these extra serve "
+                        "options (e.g. unpinned=--no-pin-engine); repeatable")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in args.variant)
     args.cache.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
-    names = args.servers.split(",")
+    names = args.servers.split(",") + list(variants)
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -164,11 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         port += 1
         if name == "engine":
             servers[name] = InProcess(checkpoint, args.dtype)
+        elif name == "engine-eager":
+            servers[name] = InProcess(checkpoint, args.dtype, compile_decode=False)
         elif name == "xfusion":
             servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split())
         elif name == "xfusion-thread":  # the engine on a thread of the server's process, sharing its GIL
             servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split()
                                           + ["--no-engine-process"])
+        elif name in variants:
+            servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split()
+                                          + variants[name].split(), name=name)
         elif name == "vllm":
             servers[name] = peers.vllm(args.cache, text_dir, port, max(levels))
         elif name == "llama.cpp":

@@ -121,10 +121,11 @@ class Server:
         self.proc = None
 
 
-def xfusion(checkpoint: Path, port: int, dtype: str = "float32", extra: list[str] = ()) -> Server:
+def xfusion(checkpoint: Path, port: int, dtype: str = "float32", extra: list[str] = (),
+            name: str = "xfusion-serve") -> Server:
     argv = [sys.executable, "-m", "xfusion_serve.cli", "serve", "--checkpoint", checkpoint, "--port", port,
             "--dtype", dtype, *extra]
-    return Server("xfusion-serve", argv, port, dtype, "torch (its default)", ready_path="/ready")
+    return Server(name, argv, port, dtype, "torch (its default)", ready_path="/ready")
 
 
 # ---- vLLM ------------------------------------------------------------------------------------------------

@@ -171,12 +171,13 @@ def _serve(args: argparse.Namespace) -> None:
     engine = EngineConfig(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
                           kv_cache_memory=kv_bytes, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
                           compile_decode=args.compile_decode, compile_denoise=args.compile_denoise,
-                          cpu_kernels=args.cpu_kernels)
+                          cpu_kernels=args.cpu_kernels, compile_decode_from=0)  # a server compiles every model
     serve(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, engine=engine,
                        max_queue=args.max_queue, served_model_name=args.served_model_name,
                        api_keys=args.api_key or [], drain_timeout=args.drain_timeout,
                        access_log=args.access_log is not False, allowed_image_domains=args.allowed_image_domains or [],
-                       compute_threads=args.threads, engine_process=args.engine_process))
+                       compute_threads=args.threads, engine_process=args.engine_process,
+                       pin_engine=args.pin_engine))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per KV-cache block (flash-attn: 256)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
                    default=_env("COMPILE_DECODE", None, _flag),
-                   help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on CUDA, and on the "
-                        "CPU for text towers of 50M parameters or more)")
+                   help="torch.compile the decode step at start-up, CUDA graphs on GPU (default: on; on the CPU where "
+                        "the compile fails, e.g. no C++ compiler, the server decodes eagerly and says so)")
     p.add_argument("--compile-denoise", action=argparse.BooleanOptionalAction,
                    default=_env("COMPILE_DENOISE", None, _flag),
                    help="torch.compile the denoising step at start-up (default: on CUDA only)")
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=_env("ENGINE_PROCESS", True, _flag),
                    help="the engine in a process of its own, so that it and the API server do not share one GIL "
                         "(default); --no-engine-process: on a thread of the server's process")
+    p.add_argument("--pin-engine", action=argparse.BooleanOptionalAction, default=_env("PIN_ENGINE", True, _flag),
+                   help="the engine process on CPU cores of its own, those its threads leave the API server "
+                        "(default; only where they leave one); --no-pin-engine: wherever the OS puts it")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

@@ -12,6 +12,7 @@ from xfusion_serve.engine.flow_matching import initial_noise
 from xfusion_serve.engine.kv_cache import KVPool
 from xfusion_serve.engine.uncached import caption_greedy_uncached, sample_images_uncached
 from xfusion_serve.model import prompts
+from xfusion_serve.model.checkpoint import text_tower_parameters
 from xfusion_serve.model.latents import encode_images
 from xfusion_serve.model.sequence import padded_forward
 
@@ -168,25 +169,35 @@ def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
 
 
 def test_a_compile_chosen_by_size_that_fails_leaves_the_engine_eager(random_checkpoint_dir, monkeypatch):
-    """A large model compiles its decode step by default; where inductor cannot build (no C++ compiler), the
-    engine serves eagerly instead of not starting. Asked for explicitly, the failure is raised."""
-    import xfusion_serve.engine.engine as engine_module
-
+    """A model of compile_decode_from parameters or more (a server's: every model) compiles its decode step by
+    default; where inductor cannot build (no C++ compiler), the engine serves eagerly instead of not starting.
+    Asked for explicitly, the failure is raised."""
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     eager = run_text(make_engine(random_checkpoint_dir), PROMPTS, params)
 
+    tried = []
+
     def failing_compile(fn, **kw):
         def compiled(*args):
+            tried.append(fn)
             raise RuntimeError("planted: no C++ compiler")
         return compiled
 
-    monkeypatch.setattr(engine_module, "COMPILE_DECODE_ON_CPU_FROM", 0)  # the test model counts as large
     monkeypatch.setattr(torch, "compile", failing_compile)
-    engine = make_engine(random_checkpoint_dir, compile_denoise=False)
-    assert engine.config.compile_decode is False and engine.runner.captured is None
+    engine = make_engine(random_checkpoint_dir, compile_denoise=False, compile_decode_from=0)
+    assert tried and engine.config.compile_decode is False and engine.runner.captured is None
     assert run_text(engine, PROMPTS, params) == eager
     with pytest.raises(RuntimeError, match="planted"):
         make_engine(random_checkpoint_dir, compile_decode=True)
+
+
+def test_the_decode_step_is_compiled_by_default_from_compile_decode_from_parameters(random_checkpoint_dir):
+    size = text_tower_parameters(random_checkpoint_dir)
+    assert make_engine(random_checkpoint_dir, compile_decode_from=size).config.compile_decode is True
+    assert make_engine(random_checkpoint_dir, compile_decode_from=size + 1).config.compile_decode is False
+    assert make_engine(random_checkpoint_dir).config.compile_decode is False  # the library's default: large only
+    with pytest.raises(ValueError, match="compile_decode_from"):
+        EngineConfig(compile_decode_from=-1)
 
 
 def test_a_request_on_blocks_another_freed_never_sees_its_prompt(random_checkpoint_dir):

@@ -315,3 +315,24 @@ def test_a_caller_that_gave_up_on_its_call_leaves_the_engine_serving(engine_proc
     time.sleep(1.5)  # the answer arrives for a loop that is gone
     events = asyncio.run(collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=GREEDY)))
     assert events[-1].finish_reason == "length" and engine_process.alive
+
+
+def affinity(engine: Engine, observer) -> tuple[set[int], int]:
+    import torch
+
+    return os.sched_getaffinity(0), torch.get_num_threads()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning is seen only with two usable cores or more")
+def test_an_engine_process_given_cores_computes_on_those_alone(random_checkpoint_dir, engine_process):
+    last = max(os.sched_getaffinity(0))
+    pinned = EngineProcess(EngineSpec(str(random_checkpoint_dir), EngineConfig(block_size=4), threads=1,
+                                      cores=(last,)))
+    pinned.start()
+    try:
+        assert asyncio.run(pinned.call(affinity)) == ({last}, 1)
+        answer = asyncio.run(collect(pinned, partial(Engine.add_text, prompt=PROMPT, params=GREEDY)))
+        assert answer[-1].kind == "done" and answer[-1].finish_reason == "length"
+    finally:
+        pinned.shutdown()
+    assert asyncio.run(engine_process.call(affinity))[0] == os.sched_getaffinity(0)  # not given: the parent's

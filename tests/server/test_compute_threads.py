@@ -15,7 +15,7 @@ from conftest import free_port
 from xfusion_serve import EMBEDDED_CHECKPOINT, EngineConfig
 from xfusion_serve.engine.config import COMPILE_DECODE_ON_CPU_FROM
 from xfusion_serve.model.checkpoint import text_tower_parameters
-from xfusion_serve.server.state import ServerConfig, compute_threads
+from xfusion_serve.server.state import ServerConfig, compute_threads, engine_cores
 
 
 SMALL, LARGE = COMPILE_DECODE_ON_CPU_FROM - 1, COMPILE_DECODE_ON_CPU_FROM
@@ -80,3 +80,49 @@ def test_a_served_process_computes_with_the_count_it_was_given_and_says_so(rando
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("cores, threads, expected", [
+    ({0, 1}, 1, (1,)),  # the demo on this machine: the API server keeps core 0
+    (set(range(16)), 15, tuple(range(1, 16))),
+    ({0, 3, 5, 8}, 2, (5, 8)),  # the usable cores of a container, not 0..n-1
+    ({0, 1}, 2, None),  # no core left to the API server: nothing to keep apart
+    ({0, 1, 2, 3}, 8, None),
+    ({0}, 1, None),
+])
+def test_the_engine_process_computes_on_the_cores_its_threads_leave_the_api(monkeypatch, cores, threads, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert engine_cores(ServerConfig(), threads) == expected
+
+
+def test_the_engine_is_not_pinned_when_asked_not_to_on_a_thread_or_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert engine_cores(ServerConfig(), 2) == (2, 3)
+    assert engine_cores(ServerConfig(pin_engine=False), 2) is None
+    assert engine_cores(ServerConfig(engine_process=False), 2) is None
+    assert engine_cores(ServerConfig(engine=EngineConfig(device="cuda")), 2) is None
+
+
+def test_pinning_is_on_by_default_and_the_option_and_environment_turn_it_off(monkeypatch):
+    from xfusion_serve import cli
+
+    seen = []
+    monkeypatch.setattr("xfusion_serve.server.app.serve", seen.append)
+    monkeypatch.delenv("XFUSION_PIN_ENGINE", raising=False)
+    cli.main(["serve"])
+    cli.main(["serve", "--no-pin-engine"])
+    monkeypatch.setenv("XFUSION_PIN_ENGINE", "false")
+    cli.main(["serve"])
+    assert [c.pin_engine for c in seen] == [True, False, False]
+
+
+def test_a_server_compiles_the_decode_step_of_every_model_unless_told_not_to(monkeypatch):
+    from xfusion_serve import cli
+
+    seen = []
+    monkeypatch.setattr("xfusion_serve.server.app.serve", seen.append)
+    monkeypatch.delenv("XFUSION_COMPILE_DECODE", raising=False)
+    cli.main(["serve"])
+    cli.main(["serve", "--no-compile-decode"])
+    assert (seen[0].engine.compile_decode, seen[0].engine.compile_decode_from) == (None, 0)  # chosen: may fall back
+    assert seen[1].engine.compile_decode is False

@@ -28,10 +28,14 @@ class EngineConfig:
     max_prompt_images: int = 8  # pictures in one prompt (a conversation's, an edit's); more is a 400
     max_prompt_image_tokens: int = 4096  # their tokens together
     # torch.compile the decode step (as CUDA graphs on GPU) and the denoising step at start-up. None: on CUDA;
-    # on the CPU the decode step for a text tower of COMPILE_DECODE_ON_CPU_FROM parameters or more (where a
-    # step's time is the model's; for the demo's the start-up time would not pay), the denoising step not.
+    # on the CPU the decode step for a text tower of compile_decode_from parameters or more, the denoising step
+    # not. A compile chosen so that fails (no C++ compiler) leaves the engine eager, with a warning.
     compile_decode: bool | None = None
     compile_denoise: bool | None = None
+    # By default COMPILE_DECODE_ON_CPU_FROM: an engine built for a few requests (tests, scripts) does not wait
+    # for a compile that a long run pays back. `xfusion-serve serve` sets 0: a server compiles every model
+    # (the demo: 6 s at start-up, 23 s with an empty inductor cache, for 1.2x-1.7x its eager tok/s).
+    compile_decode_from: int = COMPILE_DECODE_ON_CPU_FROM
     # The project's float32 matrix multiply for few rows (kernels/xfusion_kernels/cpu_linear.cpp), built for
     # this CPU at start-up (about 40 s; cached by torch after the first time). None: on for float32 on the CPU
     # for a text tower of COMPILE_DECODE_ON_CPU_FROM parameters or more; where it cannot be built (no C++
@@ -53,6 +57,8 @@ class EngineConfig:
         if on_cuda and self.compile_decode is None:
             self.compile_decode = True  # on the CPU the engine decides from the model's size
         self.compile_denoise = on_cuda if self.compile_denoise is None else self.compile_denoise
+        if self.compile_decode_from < 0:
+            raise ValueError("compile_decode_from must be 0 or more (text-tower parameters)")
         if not 0.0 < self.vision_cache_fraction < 1.0:
             raise ValueError("vision_cache_fraction must lie strictly between 0 and 1")
         if self.block_size < 1 or self.max_running < 1 or self.max_image_rows < 1:

@@ -51,9 +51,10 @@ class Engine(RequestInputs, OfflineAPI):
         c = config or EngineConfig()
         compile_asked = c.compile_decode is not None
         # What the config leaves to the model's size: a large model pays a start-up compile back quickly.
-        large = sum(p.numel() for p in ckpt.model.text.parameters()) >= COMPILE_DECODE_ON_CPU_FROM
-        c = replace(c, compile_decode=large if c.compile_decode is None else c.compile_decode,
-                    cpu_kernels=large if c.cpu_kernels is None else c.cpu_kernels,
+        size = sum(p.numel() for p in ckpt.model.text.parameters())
+        compile_decode = size >= c.compile_decode_from if c.compile_decode is None else c.compile_decode
+        c = replace(c, compile_decode=compile_decode,
+                    cpu_kernels=size >= COMPILE_DECODE_ON_CPU_FROM if c.cpu_kernels is None else c.cpu_kernels,
                     attention_backend=c.attention_backend or default_backend(
                         torch.device(c.device), getattr(torch, c.dtype), head_shape(ckpt.model.text_config)[1]))
         self.runner = ModelRunner(ckpt, c)

@@ -7,6 +7,7 @@ quietly."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 from collections.abc import Callable
@@ -23,12 +24,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineSpec:
     """What the engine process builds: `Engine.from_checkpoint(checkpoint, config)` computing on `threads` torch
-    threads (None: torch's default), warmed up, observed by `observer()` (a picklable factory: a class)."""
+    threads (None: torch's default) and, with `cores`, on those CPU cores alone (os.sched_setaffinity; None:
+    wherever the OS puts it), warmed up, observed by `observer()` (a picklable factory: a class)."""
 
     checkpoint: str
     config: EngineConfig
     threads: int | None = None
     observer: Callable[[], StepObserver] | None = None
+    cores: tuple[int, ...] | None = None
 
 
 def engine_main(conn: Connection, spec: EngineSpec) -> None:
@@ -40,6 +43,9 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     try:
         import torch
 
+        if spec.cores is not None:  # before torch starts its thread pool, whose threads inherit it
+            os.sched_setaffinity(0, spec.cores)
+            log.info("the engine computes on CPU cores %s", ",".join(map(str, spec.cores)))
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         engine = Engine.from_checkpoint(spec.checkpoint, spec.config)

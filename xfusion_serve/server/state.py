@@ -42,6 +42,8 @@ class ServerConfig:
     # The engine in a process of its own (engine/engine_process.py), so that the API server and the engine
     # do not share one GIL; False: on a thread of the server's process (an Engine given to create_app always is).
     engine_process: bool = True
+    # The engine process on cores of its own (see engine_cores); False: wherever the OS puts it.
+    pin_engine: bool = True
 
     def __post_init__(self):
         if self.compute_threads is not None and self.compute_threads < 1:
@@ -67,6 +69,21 @@ def compute_threads(config: ServerConfig, text_parameters: int, environ=os.envir
         return None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, usable - 1)
+
+
+def engine_cores(config: ServerConfig, threads: int) -> tuple[int, ...] | None:
+    """The CPU cores the engine process computes on -> the last `threads` of the usable cores, or None (not
+    pinned). Pinned only where the engine runs in a process of its own on the CPU and its threads leave a core
+    to the API server (compute_threads' policy): the engine's one thread then never shares a core, nor moves
+    between them, when the event loop, the sockets or the clients wake. The API process stays unpinned: it
+    runs wherever the engine is not. vLLM's CPU backend binds its OpenMP threads likewise
+    (VLLM_CPU_OMP_THREADS_BIND=auto). `benchmarks/bench_peers.py --variant` side by side (README, "Speed")."""
+    if not (config.pin_engine and config.engine_process and config.engine.device.startswith("cpu")):
+        return None
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    usable = sorted(os.sched_getaffinity(0))
+    return tuple(usable[-threads:]) if 0 < threads < len(usable) else None
 
 
 class ServerState:
@@ -122,8 +139,9 @@ class ServerState:
         if engine is None and self.config.engine_process:
             ckpt = load_checkpoint(self.checkpoint, load_vae=False, load_weights=False)
             self._describe(ckpt)
-            self.engine = EngineProcess(EngineSpec(str(self.checkpoint), self.config.engine,
-                                                   torch.get_num_threads(), Metrics))
+            threads = torch.get_num_threads()
+            self.engine = EngineProcess(EngineSpec(str(self.checkpoint), self.config.engine, threads, Metrics,
+                                                   engine_cores(self.config, threads)))
         else:
             engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
             self._describe(engine.ckpt)
