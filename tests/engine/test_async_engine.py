@@ -121,3 +121,39 @@ def test_requests_left_before_their_events_are_read_are_cancelled(random_checkpo
         assert asyncio.run(scenario())
     finally:
         engine.shutdown()
+
+
+class PlantedExit(BaseException):
+    """Not an Exception: what a bad add must never raise, and the loop must still survive for its callers."""
+
+
+def add_then_exit(engine: Engine) -> str:
+    raise PlantedExit("planted")
+
+
+def test_a_group_whose_add_escapes_ends_every_stream_of_it_with_an_error(random_checkpoint_dir):
+    """A BaseException out of one add of a group fails the engine loop; the group's requests added before it,
+    the one that raised and those after it all end (none left waiting), and new requests are refused."""
+    from xfusion_serve.engine.async_engine import EngineFailed
+
+    engine = AsyncEngine(make_engine(random_checkpoint_dir))
+    engine.start()
+    ok = partial(Engine.add_text, prompt=PROMPT, params=SamplingParams(max_tokens=50, ignore_eos=True))
+
+    async def outcome(stream):
+        try:
+            return [ev async for ev in stream][-1].finish_reason
+        except EngineFailed:
+            return "refused"
+
+    async def scenario():
+        streams = engine.submit_all([ok, add_then_exit, ok, ok])
+        return await asyncio.wait_for(asyncio.gather(*(outcome(s) for s in streams)), 20)
+
+    try:
+        ends = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert ends == ["error", "refused", "refused", "refused"]
+    assert "PlantedExit" in engine.failure
+    assert engine.load() == engine.engine.scheduler.load()  # nothing left counted as on its way in

@@ -142,11 +142,14 @@ class AsyncEngine:
                 subs = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            for sub in subs:
+            for i, sub in enumerate(subs):
                 try:
                     rid = sub.add(self.engine)
                 except Exception as e:  # noqa: BLE001 - bad input is reported to its caller only
                     notify(sub.loop, _set_exception, sub.ready, e)
+                except BaseException:  # the loop fails: _fail_all ends this group's rest with the inbox's
+                    self._inbox.put(subs[i:])
+                    raise
                 else:
                     sub.rid = rid
                     if sub.cancelled:

@@ -212,6 +212,7 @@ class EngineProcess:
                 error_type="server_error"))
         self._streams.clear()
         self._unacked.clear()
+        self._load = (0, 0)  # nothing runs or waits on an engine that is gone
         for loop, fut in self._calls.values():
             notify(loop, _set_exception, fut, EngineFailed(message))
         self._calls.clear()
