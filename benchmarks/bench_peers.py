@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         "options (e.g. unpinned=--no-pin-engine); repeatable")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
+    if bad := [v for v in args.variant if "=" not in v]:
+        p.error(f"--variant takes NAME=OPTIONS, got {bad[0]!r}")
     variants = dict(v.split("=", 1) for v in args.variant)
     args.cache.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
