@@ -57,9 +57,9 @@ gpu-wheels: install
 serve: install
 	$(VENV)/bin/xfusion-serve serve
 
-# Builds the demo recipe's successor checkpoint from nothing into build/shapes-demo-v2 (about 90 minutes on 2 CPU
-# cores). It does not replace the shipped one (README, "The embedded demo checkpoint"): that was built by the
-# recipe at commit 4e011ad.
+# Builds the demo checkpoint from nothing with the recipe into build/shapes-demo-v2 (60-90 minutes on 2 CPU
+# cores, by the machine's speed). It does not replace the shipped one (README, "The embedded demo checkpoint";
+# its manifest says the command and the commit it was built with).
 demo: install
 	rm -rf build/shapes-demo-v2 build/shapes-demo-v2.work
 	$(PY) -m xfusion_serve.demo.recipe --out build/shapes-demo-v2
