@@ -11,7 +11,7 @@ from functools import partial
 from test_engine import make_engine
 
 from xfusion_serve import Engine, SamplingParams
-from xfusion_serve.engine.async_engine import AsyncEngine
+from xfusion_serve.engine.async_engine import AsyncEngine, EngineFailed
 
 PROMPT = [2, 7, 9, 11]
 
@@ -131,20 +131,20 @@ def add_then_exit(engine: Engine) -> str:
     raise PlantedExit("planted")
 
 
+async def outcome(stream) -> str:
+    """How a request's stream ended: its last event's finish reason, or "refused" (EngineFailed)."""
+    try:
+        return [ev async for ev in stream][-1].finish_reason
+    except EngineFailed:
+        return "refused"
+
+
 def test_a_group_whose_add_escapes_ends_every_stream_of_it_with_an_error(random_checkpoint_dir):
     """A BaseException out of one add of a group fails the engine loop; the group's requests added before it,
     the one that raised and those after it all end (none left waiting), and new requests are refused."""
-    from xfusion_serve.engine.async_engine import EngineFailed
-
     engine = AsyncEngine(make_engine(random_checkpoint_dir))
     engine.start()
     ok = partial(Engine.add_text, prompt=PROMPT, params=SamplingParams(max_tokens=50, ignore_eos=True))
-
-    async def outcome(stream):
-        try:
-            return [ev async for ev in stream][-1].finish_reason
-        except EngineFailed:
-            return "refused"
 
     async def scenario():
         streams = engine.submit_all([ok, add_then_exit, ok, ok])

@@ -338,24 +338,12 @@ def test_an_engine_process_given_cores_computes_on_those_alone(random_checkpoint
     assert asyncio.run(engine_process.call(affinity))[0] == os.sched_getaffinity(0)  # not given: the parent's
 
 
-class PlantedExit(BaseException):
-    """Not an Exception: what a bad add must never raise."""
-
-
-def add_then_exit(engine: Engine) -> str:
-    raise PlantedExit("planted")
-
-
 def test_a_group_whose_add_escapes_in_the_engine_process_ends_every_stream_of_it(engine_process):
     """As on the engine thread: one add of a group raising a BaseException ends the engine process, and every
     request of the group, before it and after it, ends with an error instead of waiting."""
-    ok = partial(Engine.add_text, prompt=PROMPT, params=SamplingParams(max_tokens=50, ignore_eos=True))
+    from test_async_engine import add_then_exit, outcome
 
-    async def outcome(stream):
-        try:
-            return [ev async for ev in stream][-1].finish_reason
-        except EngineFailed:
-            return "refused"
+    ok = partial(Engine.add_text, prompt=PROMPT, params=SamplingParams(max_tokens=50, ignore_eos=True))
 
     async def scenario():
         streams = engine_process.submit_all([ok, add_then_exit, ok])

@@ -103,26 +103,27 @@ def test_the_engine_is_not_pinned_when_asked_not_to_on_a_thread_or_on_a_gpu(monk
     assert engine_cores(ServerConfig(engine=EngineConfig(device="cuda")), 2) is None
 
 
-def test_pinning_is_on_by_default_and_the_option_and_environment_turn_it_off(monkeypatch):
+def served_configs(monkeypatch, *argvs: list[str]) -> list[ServerConfig]:
+    """The ServerConfig that `xfusion-serve serve ARGV` would serve, for each argv (serve itself replaced)."""
     from xfusion_serve import cli
 
     seen = []
     monkeypatch.setattr("xfusion_serve.server.app.serve", seen.append)
+    for argv in argvs:
+        cli.main(["serve", *argv])
+    return seen
+
+
+def test_pinning_is_on_by_default_and_the_option_and_environment_turn_it_off(monkeypatch):
     monkeypatch.delenv("XFUSION_PIN_ENGINE", raising=False)
-    cli.main(["serve"])
-    cli.main(["serve", "--no-pin-engine"])
+    default, off = served_configs(monkeypatch, [], ["--no-pin-engine"])
     monkeypatch.setenv("XFUSION_PIN_ENGINE", "false")
-    cli.main(["serve"])
-    assert [c.pin_engine for c in seen] == [True, False, False]
+    (from_env,) = served_configs(monkeypatch, [])
+    assert (default.pin_engine, off.pin_engine, from_env.pin_engine) == (True, False, False)
 
 
 def test_a_server_compiles_the_decode_step_of_every_model_unless_told_not_to(monkeypatch):
-    from xfusion_serve import cli
-
-    seen = []
-    monkeypatch.setattr("xfusion_serve.server.app.serve", seen.append)
     monkeypatch.delenv("XFUSION_COMPILE_DECODE", raising=False)
-    cli.main(["serve"])
-    cli.main(["serve", "--no-compile-decode"])
+    seen = served_configs(monkeypatch, [], ["--no-compile-decode"])
     assert (seen[0].engine.compile_decode, seen[0].engine.compile_decode_from) == (None, 0)  # chosen: may fall back
     assert seen[1].engine.compile_decode is False
