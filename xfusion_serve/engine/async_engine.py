@@ -95,7 +95,9 @@ class AsyncEngine:
         self.running = False
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
+        """(running, waiting) requests; (0, 0) once the engine has failed, as EngineProcess says."""
+        if self.failure:
+            return 0, 0
         running, waiting = self.engine.scheduler.load()
         return running, waiting + self._queued
 

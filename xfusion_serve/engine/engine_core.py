@@ -1,8 +1,8 @@
 """The engine process's side of engine/engine_process.py (vLLM V1's EngineCore): it builds the engine, says it
 is ready, then loops: every message waiting on the pipe (add, cancel, call, stop), one step, that step's
 events as one message. Requests (the choices of one HTTP request together) and calls arrive pickled inside
-the message, so that one that cannot be read fails alone; a step that raises ends the process after saying why; a closed pipe (the API process gone) ends it
-quietly."""
+the message, so that one that cannot be read fails alone; a step that raises ends the process after saying
+why; a closed pipe (the API process gone) ends it quietly."""
 
 from __future__ import annotations
 
@@ -110,7 +110,6 @@ class _Core:
                     return
             elif self.engine.has_work():
                 self._step()
-
 
     def _handle(self, kind: str, *args) -> bool:
         if kind == "stop":
