@@ -9,7 +9,9 @@ usage (or its chunks where a server gives none). A wave of `c` requests is sent 
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
 xfusion-serve's engine in this process with the server's engine settings, with no HTTP: the same waves, for the
-HTTP overhead ("engine-eager": its decode step not compiled); "xfusion" is
+HTTP overhead ("engine-eager": its decode step not compiled; "engine-server-threads": on as many torch threads
+as the served engine computes on, one on the demo on 2 cores, so that the gap splits into the core the server
+keeps for HTTP and the rest); "xfusion" is
 the server as it runs by default (its engine in a process of its own), "xfusion-thread" the server with its
 engine on a thread of its own process (`--no-engine-process`); `--variant NAME=OPTIONS` adds a server with other
 serve options to the same rounds, for settings side by side. RSS is the server's whole process tree.
@@ -91,7 +93,8 @@ class InProcess:
 
     name, precision = "engine (in-process)", "float32"
 
-    def __init__(self, checkpoint: Path, dtype: str, compile_decode: bool | None = None):
+    def __init__(self, checkpoint: Path, dtype: str, compile_decode: bool | None = None,
+                 threads: int | None = None):
         from xfusion_serve import Engine, EngineConfig
 
         config = EngineConfig(dtype=dtype, compile_decode=compile_decode, compile_decode_from=0)  # as `serve`'s
@@ -101,9 +104,20 @@ class InProcess:
         self.precision = dtype
         import torch
 
-        self.threads = f"torch {torch.get_num_threads()}"
+        self.torch_threads = threads or torch.get_num_threads()  # this process's torch is shared: set per wave
+        self.threads = f"torch {self.torch_threads}"
 
     def wave(self, concurrency: int, max_tokens: int) -> dict:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)
+        try:
+            return self._wave(concurrency, max_tokens)
+        finally:
+            torch.set_num_threads(before)
+
+    def _wave(self, concurrency: int, max_tokens: int) -> dict:
         from xfusion_serve import SamplingParams
 
         engine, tok = self.engine, self.engine.tokenizer
@@ -125,6 +139,16 @@ class InProcess:
                 last[ev.request_id] = now
         out["seconds"] = time.perf_counter() - start
         return out
+
+
+def served_threads(checkpoint: Path) -> int:
+    """The torch threads `xfusion-serve serve` gives its engine on this machine, by default."""
+    import torch
+    from xfusion_serve.model.checkpoint import text_tower_parameters
+    from xfusion_serve.server.state import ServerConfig, compute_threads
+
+    return compute_threads(ServerConfig(checkpoint=str(checkpoint)), text_tower_parameters(checkpoint)) \
+        or torch.get_num_threads()
 
 
 def summarize(waves: list[dict]) -> dict:
@@ -177,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = InProcess(checkpoint, args.dtype)
         elif name == "engine-eager":
             servers[name] = InProcess(checkpoint, args.dtype, compile_decode=False)
+        elif name == "engine-server-threads":
+            servers[name] = InProcess(checkpoint, args.dtype, threads=served_threads(checkpoint))
         elif name == "xfusion":
             servers[name] = peers.xfusion(checkpoint, port, args.dtype, args.xfusion_args.split())
         elif name == "xfusion-thread":  # the engine on a thread of the server's process, sharing its GIL
