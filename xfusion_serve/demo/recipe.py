@@ -8,7 +8,8 @@ from nothing, in one command on CPU:
 2. a small AutoencoderKL for 64x64 images (or `--vae DIR`: one trained before, reused);
 3. `init` (vision blocks copied from the text blocks), then `train` (the paper's recipe) on the shapes world's
    conversation tasks (demo/task_samples.py: drawing, edits, questions, captions, two-picture questions),
-   an image answer's turn opening with the caption of what it draws (CAPTION_FIRST);
+   an image answer's turn opening with the caption of what it draws (CAPTION_FIRST); then `--anneal-steps`
+   more on fresh samples from a tenth of the peak learning rate (ANNEAL_LR, a second cosine);
 4. the figures, all through a live server (`xfusion-serve eval`): the plain routes' captioning and drawing,
    and the tasks; and a manifest: the command, the seeds, sha256 of every file, the figures.
 """
@@ -54,6 +55,10 @@ LAMBDA_AR = 2.0
 # The text tower pretrained on the tasks' text has weights about 1.6 times the norm of the first demo's (whose
 # vision tower trained at 1e-3); Adam's steps are absolute, so the copy learns at a rate scaled to match.
 LR = 2e-3
+# The second, shorter cosine after the first has reached its floor: fresh samples (data seed + 1) from a tenth of
+# the peak. On tuning seeds it drew small shapes better (shape 89.4% -> 92.9%, colour 91.8% -> 95.3% of 170)
+# and edited better, on every attribute (README, "The embedded demo checkpoint").
+ANNEAL_LR = 2e-4
 
 
 # The assistant first says, in the world's caption words, what it draws, then draws it (the frozen LM writes
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae", type=Path, default=None, help="reuse this trained VAE directory instead of training one")
     p.add_argument("--train-steps", type=int, default=12000)
+    p.add_argument("--anneal-steps", type=int, default=3000,
+                   help="then this many steps more on fresh samples from --anneal-lr, a second cosine (0: none)")
+    p.add_argument("--anneal-lr", type=float, default=ANNEAL_LR)
     p.add_argument("--lambda-ar", type=float, default=LAMBDA_AR)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=LR)
@@ -154,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     trained = train(cfg, samples=task_samples(cfg))
     timings["train_s"] = round(time.time() - t1)
-
     remove_state(trained)  # optimizer state is for resuming, not for serving
+    anneal = None
+    if args.anneal_steps:
+        t1 = time.time()
+        anneal = vision_config(trained, work / "annealed", steps=args.anneal_steps, batch_size=args.batch_size,
+                               lr=args.anneal_lr, lambda_ar=args.lambda_ar,
+                               caption_max_noise=args.caption_max_noise, seed=args.seed + 1)
+        trained = train(anneal, samples=task_samples(anneal))
+        timings["anneal_s"] = round(time.time() - t1)
+        remove_state(trained)
     t2 = time.time()
     figures = measure(trained, args.eval_samples, args.eval_tasks) | {"frozen_lm_on_task_text": lm_figures}
     timings["eval_s"] = round(time.time() - t2)
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m xfusion_serve.demo.recipe " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "train_config": asdict(cfg) | {"checkpoint": "<init>", "out": "<out>"},
+        "anneal_config": None if anneal is None else asdict(anneal) | {"checkpoint": "<trained>", "out": "<out>"},
         "figures": figures,
         "eval_samples": args.eval_samples,
         "eval_tasks": args.eval_tasks,
