@@ -57,7 +57,7 @@ gpu-wheels: install
 serve: install
 	$(VENV)/bin/xfusion-serve serve
 
-# Builds the demo checkpoint from nothing with the recipe into build/shapes-demo-v2 (60-90 minutes on 2 CPU
+# Builds the demo checkpoint from nothing with the recipe into build/shapes-demo-v2 (80-100 minutes on 2 CPU
 # cores, by the machine's speed). It does not replace the shipped one (README, "The embedded demo checkpoint";
 # its manifest says the command and the commit it was built with).
 demo: install
