@@ -249,13 +249,12 @@ def test_incremental_detokenization_streams_exactly_the_full_decode():
     from transformers import AutoTokenizer
 
     from xfusion_serve import EMBEDDED_CHECKPOINT
-    from xfusion_serve.engine.detokenizer import detokenize
-    from xfusion_serve.engine.request import TextRequest
+    from xfusion_serve.engine.detokenizer import TextState, detokenize
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_CHECKPOINT / "text_tower")
     for text in ("a small red circle at the top left.", "café ☕ 日本語 — naïve", "There are circles, squares"):
         ids = tok(text, add_special_tokens=False).input_ids
-        req = TextRequest(prompt=[[]], params=SamplingParams(), stop_ids=set())
+        req = TextState(stop=[], prompt_tokens=0)
         pieces = []
         for token in ids:
             req.output.append(token)

@@ -352,3 +352,33 @@ def test_a_group_whose_add_escapes_in_the_engine_process_ends_every_stream_of_it
     ends = asyncio.run(scenario())
     assert ends[1:] == ["refused", "refused"] and ends[0] in ("error", "refused")
     assert "PlantedExit" in engine_process.failure and engine_process.load() == (0, 0)
+
+
+def test_a_stop_string_found_in_the_api_process_ends_the_request_there_and_in_the_engine(random_checkpoint_dir,
+                                                                                         engine_process):
+    """The engine process sends token ids; the API process makes the text, and a stop string it finds ends the
+    stream as the engine stepped here ends it, and finishes the request in the engine process at once rather
+    than at its max_tokens (50 ms a step here: the ~400 tokens left would take 20 s)."""
+    local = make_engine(random_checkpoint_dir)
+    full = local.run([local.add_text(PROMPT, SamplingParams(max_tokens=16, ignore_eos=True))]).popitem()[1].text
+    stop = next(full[i : i + 2] for i in range(4, len(full) - 2) if full.find(full[i : i + 2]) == i)
+    params = SamplingParams(max_tokens=400, ignore_eos=True, stop=[stop])
+    rid = local.add_text(PROMPT, params)
+    here: list = []
+    while local.has_work():
+        here += [ev for ev in local.step() if ev.request_id == rid]
+    assert (here[-1].finish_reason, here[-1].text) == ("stop", full[: full.find(stop)])
+
+    async def stopped():
+        await engine_process.call(slow_decodes)
+        events = await collect(engine_process, partial(Engine.add_text, prompt=PROMPT, params=params))
+        for _ in range(30):  # the finish crosses the pipe and is handled between two steps
+            if await engine_process.call(live_requests) == 0:
+                return events, True
+            await asyncio.sleep(0.05)
+        return events, False
+
+    events, freed = asyncio.run(stopped())
+    assert summary(events) == summary(here)
+    assert freed and engine_process.load() == (0, 0)
+    assert engine_process._outputs.states == {}  # nothing kept in the API process for it either

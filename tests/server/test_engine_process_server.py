@@ -129,3 +129,35 @@ def test_a_dead_engine_process_fails_health_and_ready_and_requests_get_503(both)
     assert process.get("/ready").status_code == 503
     route, body = JSON_ROUTES[1]
     assert process.post(route, json=body).status_code == 503
+
+
+def test_a_stop_string_answers_as_on_a_thread_and_counts_as_a_stop_in_the_engine_process_metrics(both):
+    """The engine process's text is made in the API process: a stop string cuts the answer there (streamed or
+    not) as the threaded engine cuts it, and the engine process's metrics count the request finished "stop"."""
+    threaded, process = both
+    body = {"prompt": "a red", "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+    full = threaded.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full.find(full[i : i + 2]) == i)
+    body = {**body, "max_tokens": 200, "stop": [stop]}
+
+    def stop_count() -> float:
+        for line in process.get("/metrics").text.splitlines():
+            if line.startswith('xfusion_request_success_total{finished_reason="stop",task="text"}'):
+                return float(line.split(" ")[1])
+        return 0.0
+
+    before = stop_count()
+    for client in (threaded, process):
+        answer = client.post("/v1/completions", json=body).json()
+        assert (answer["choices"][0]["text"], answer["choices"][0]["finish_reason"]) == (full[: full.find(stop)],
+                                                                                        "stop")
+        streamed = client.post("/v1/completions", json={**body, "stream": True}).text
+        chunks = [json.loads(line[6:]) for line in streamed.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == full[: full.find(stop)]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    for _ in range(50):  # the second request's finish is counted once the engine process has handled it
+        if stop_count() == before + 2:
+            break
+        time.sleep(0.05)
+    assert stop_count() == before + 2

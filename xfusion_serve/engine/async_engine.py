@@ -24,11 +24,13 @@ log = logging.getLogger(__name__)
 
 class StepObserver(Protocol):
     """What watches the engine from its thread (the server's Prometheus metrics): called after every step with
-    the step's events and the requests they name as they were before it, and for every cancelled request."""
+    the step's events (token ids; their text may be made elsewhere) and the requests they name as they were
+    before it, and for every request ended with no event (`Engine.finish`: "cancelled", or "stop" for a stop
+    string found by the API process)."""
 
     def observe(self, engine: Engine, events: list[Event], requests: dict[str, object]) -> None: ...
 
-    def aborted(self, req) -> None: ...
+    def finished(self, req, reason: str) -> None: ...
 
 
 class EngineFailed(RuntimeError):
@@ -155,7 +157,7 @@ class AsyncEngine:
                 else:
                     sub.rid = rid
                     if sub.cancelled:
-                        observed_cancel(self.engine, self.metrics, rid)
+                        observed_finish(self.engine, self.metrics, rid)
                     else:
                         self._streams[rid] = sub
                         notify(sub.loop, _set_result, sub.ready, rid)
@@ -183,11 +185,12 @@ class AsyncEngine:
             if sub.rid is None:
                 sub.cancelled = True  # still in the inbox: cancelled as it is added
             elif self._streams.pop(sub.rid, None) is not None:
-                observed_cancel(self.engine, self.metrics, sub.rid)
+                observed_finish(self.engine, self.metrics, sub.rid)
         if not self.engine.has_work():
             time.sleep(0.002)
             return
-        deliver(self._streams, [(ev.request_id, ev) for ev in observed_step(self.engine, self.metrics)])
+        events = observed_step(self.engine, self.metrics, self.engine.step)
+        deliver(self._streams, [(ev.request_id, ev) for ev in events])
 
     def _fail_all(self, message: str) -> None:
         """The engine is gone: every request streaming or still in the inbox ends with an error."""
@@ -240,11 +243,12 @@ async def events_of(events: asyncio.Queue) -> AsyncIterator[Event]:
             return
 
 
-def observed_step(engine: Engine, observer: StepObserver | None) -> list[Event]:
-    """One engine step -> its events; the observer (the metrics) sees them with the requests as they were before
-    it. An observer that fails is logged: metrics never stop the engine."""
+def observed_step(engine: Engine, observer: StepObserver | None, step: Callable[[], list[Event]]) -> list[Event]:
+    """One engine step (`engine.step`, or `engine.step_tokens` where text is made elsewhere) -> its events; the
+    observer (the metrics) sees them with the requests as they were before it. An observer that fails is
+    logged: metrics never stop the engine."""
     before = dict(engine.requests)
-    events = engine.step()
+    events = step()
     if observer is not None:
         try:
             observer.observe(engine, events, before)
@@ -253,17 +257,19 @@ def observed_step(engine: Engine, observer: StepObserver | None) -> list[Event]:
     return events
 
 
-def observed_cancel(engine: Engine, observer: StepObserver | None, request_id: str) -> None:
-    """Frees a request whose client left, counted by the observer as aborted. What goes wrong here is logged:
-    the loop must outlive anything one request does."""
+def observed_finish(engine: Engine, observer: StepObserver | None, request_id: str,
+                    reason: str = "cancelled") -> None:
+    """Ends a request with no event (`Engine.finish`): "cancelled" frees one whose client left (the metrics count
+    it aborted); "stop" one whose stop string the API process found. What goes wrong here is logged: the loop
+    must outlive anything one request does."""
     try:
         req = engine.requests.get(request_id)
-        engine.cancel(request_id)
+        engine.finish(request_id, reason)
         if observer is not None and req is not None:
-            observer.aborted(req)
+            observer.finished(req, reason)
             observer.observe(engine, [], {})  # gauges must not wait for the next step
     except Exception:  # noqa: BLE001
-        log.exception("cancelling %s failed", request_id)
+        log.exception("ending %s (%s) failed", request_id, reason)
 
 
 def deliver(streams: dict, events: list[tuple[object, Event]]) -> None:

@@ -1,8 +1,10 @@
 """The engine: a queue of requests, and a step loop of three lines (schedule, run, postprocess).
 
 nano-vllm's shape: the scheduler picks the step's work, the runner runs it in batched model calls, and the
-postprocessing samples, appends, checks stops and frees. It is also the offline API (offline.py):
-`Engine.from_checkpoint(path)` then `chat`, `complete`, `caption` and `generate_images`, with no server.
+postprocessing samples, appends, checks stop tokens and lengths and frees. Its events carry token ids; text and
+stop strings are an OutputProcessor's (detokenizer.py), run by `step()` here or in the server's API process. It
+is also the offline API (offline.py): `Engine.from_checkpoint(path)` then `chat`, `complete`, `caption` and
+`generate_images`, with no server.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..model.attention import default_backend
 from ..model.checkpoint import Checkpoint, load_checkpoint
 from ..model.latents import decode_latents
 from .config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
-from .detokenizer import detokenize, find_stop, safe_length
+from .detokenizer import OutputProcessor
 from .flow_matching import guided
 from .inputs import RequestInputs
 from .offline import OfflineAPI
@@ -74,6 +76,7 @@ class Engine(RequestInputs, OfflineAPI):
         self.scheduler = Scheduler(self.runner.pools, self.runner.prompt_towers, c.max_running, c.max_image_rows,
                                    ckpt.model.text_config.max_position_embeddings)
         self.tokenizer = ckpt.tokenizer
+        self.outputs = OutputProcessor(self.tokenizer)  # step()'s: text for callers in this process
         self.requests: dict[str, TextRequest | ImageRequest] = {}
         # Test-only fault injection: called as fault_hook(phase, requests) before each batch ("prefill",
         # "decode", "prompts", "denoise", "vae") and with ("schedule", []) before scheduling.
@@ -97,18 +100,39 @@ class Engine(RequestInputs, OfflineAPI):
         return req.id
 
     def cancel(self, request_id: str) -> None:
-        """Frees everything the request holds, at once; it ends with finish_reason "cancelled"."""
+        """Frees everything the request holds, at once; it ends with finish_reason "cancelled", with no event."""
+        self.finish(request_id, "cancelled")
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """Ends a request at once, with no event, as `reason`: "cancelled", or "stop" when an OutputProcessor
+        found a stop string in its text. Nothing if it has already ended."""
         req = self.requests.pop(request_id, None)
+        self.outputs.drop(request_id)
         if req is not None:
-            self.scheduler.finish(req, "cancelled")
+            self.scheduler.finish(req, reason)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """One step. A batch that raises fails its own requests only; an exception that escapes (the
-        scheduler's state, a device error) means the engine cannot go on."""
+        """One step -> its events with text (`step_tokens`, then this engine's OutputProcessor); a request whose
+        text reaches a stop string ends here, its done event cut before it."""
+        requests = self.requests.copy()  # those that end in the step leave it
+        events = self.step_tokens()
+        for ev in events:
+            req = requests.get(ev.request_id)
+            if isinstance(req, TextRequest) and req.id not in self.outputs.states:  # its first event
+                self.outputs.add(req.id, req.params.stop, req.prompt_len)
+        texts, stopped = self.outputs.process([(ev.request_id, ev) for ev in events])
+        for rid in stopped:
+            self.finish(rid, "stop")
+        return [ev for _, ev in texts]
+
+    def step_tokens(self) -> list[Event]:
+        """One step -> its events with token ids and no text (the server's engine process sends these). A batch
+        that raises fails its own requests only; an exception that escapes (the scheduler's state, a device
+        error) means the engine cannot go on."""
         if self.fault_hook:
             self.fault_hook("schedule", [])
         plan = self.scheduler.schedule()
@@ -198,7 +222,7 @@ class Engine(RequestInputs, OfflineAPI):
         for reqs, msg in results["failed"]:
             events += self._fail(reqs, msg)
         for r in plan.out_of_room:  # alone and still longer than the whole cache: it ends here
-            events.append(self._finish_text(r, "length", self.tokenizer.decode(r.output, skip_special_tokens=True)))
+            events.append(self._finish_text(r, "length"))
         for key in ("prefill", "decode"):
             for req, token in zip(getattr(plan, key), results.get(key) or []):
                 events += self._append(req, token)
@@ -228,21 +252,14 @@ class Engine(RequestInputs, OfflineAPI):
                       error_type="server_error") for r in reqs]
 
     def _append(self, req: TextRequest, token: int) -> list[Event]:
-        params = req.params
-        if token in req.stop_ids:  # the stop token itself is not part of the answer
-            return [self._finish_text(req, "stop", self.tokenizer.decode(req.output, skip_special_tokens=True))]
+        """A sampled token -> its event: the request's end on a stop token (not part of the answer) or on its
+        length, else a token event. Text and stop strings are the OutputProcessor's."""
+        if token in req.stop_ids:
+            return [self._finish_text(req, "stop")]
         req.output.append(token)
-        text = detokenize(self.tokenizer, req)
-        cut = find_stop(text, params.stop)
-        if cut >= 0:
-            return [self._finish_text(req, "stop", text[:cut], [token])]
-        if len(req.output) >= params.max_tokens or req.length >= self.scheduler.max_model_len:
-            return [self._finish_text(req, "length", self.tokenizer.decode(req.output, skip_special_tokens=True),
-                                      [token])]
-        safe = safe_length(text, params.stop)  # text that may yet become a stop string waits
-        delta = text[len(req.text) : safe]
-        req.text = text[: max(safe, len(req.text))]
-        return [Event(req.id, "token", text=delta, token_ids=[token], logprobs=self._logprobs(req))]
+        if len(req.output) >= req.params.max_tokens or req.length >= self.scheduler.max_model_len:
+            return [self._finish_text(req, "length", [token])]
+        return [Event(req.id, "token", token_ids=[token], logprobs=self._logprobs(req))]
 
     @staticmethod
     def _logprobs(req: TextRequest) -> list | None:
@@ -250,14 +267,13 @@ class Engine(RequestInputs, OfflineAPI):
         lp, req.logprobs = req.logprobs, None
         return None if lp is None else [lp]
 
-    def _finish_text(self, req: TextRequest, reason: str, text: str, new_tokens: list[int] | None = None) -> Event:
-        """The done event carries the whole text (a streamer sends what its token events had not) and the
-        token generated in this step, if the request ended on one."""
-        req.text = text
+    def _finish_text(self, req: TextRequest, reason: str, new_tokens: list[int] | None = None) -> Event:
+        """A text request's done event: the token generated in this step, if it ended on one, and the output's
+        length in `step` (the OutputProcessor adds the text)."""
         self._end(req, reason)
         logprobs = self._logprobs(req) if new_tokens else None  # a stop token is not part of the answer
-        return Event(req.id, "done", text=text, token_ids=new_tokens or [], finish_reason=reason,
-                     step=len(req.output), prompt_tokens=req.prompt_len, logprobs=logprobs)
+        return Event(req.id, "done", token_ids=new_tokens or [], finish_reason=reason, step=len(req.output),
+                     prompt_tokens=req.prompt_len, logprobs=logprobs)
 
     def _end(self, req, reason: str) -> None:
         self.scheduler.finish(req, reason)

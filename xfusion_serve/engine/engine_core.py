@@ -1,8 +1,9 @@
 """The engine process's side of engine/engine_process.py (vLLM V1's EngineCore): it builds the engine, says it
-is ready, then loops: every message waiting on the pipe (add, cancel, call, stop), one step, that step's
-events as one message. Requests (the choices of one HTTP request together) and calls arrive pickled inside
-the message, so that one that cannot be read fails alone; a step that raises ends the process after saying
-why; a closed pipe (the API process gone) ends it quietly."""
+is ready, then loops: every message waiting on the pipe (add, cancel, finish, call, stop), one step, that step's
+events as one message. The events carry token ids: the API process makes their text (an OutputProcessor) and
+sends "finish" for a request whose text reached a stop string. Requests (the choices of one HTTP request
+together) and calls arrive pickled inside the message, so that one that cannot be read fails alone; a step
+that raises ends the process after saying why; a closed pipe (the API process gone) ends it quietly."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .async_engine import StepObserver, observed_cancel, observed_step
+from .async_engine import StepObserver, observed_finish, observed_step
 from .config import EngineConfig
 from .engine import Engine
+from .request import TextRequest
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +122,25 @@ class _Core:
                 adds = pickle.loads(adds)
             except Exception as e:  # noqa: BLE001 - requests that cannot be read are theirs to fail
                 for key in keys:
-                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load()))
+                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load(), None))
                 return True
             for key, add in zip(keys, adds):
                 try:
                     rid = add(self.engine)
                 except Exception as e:  # noqa: BLE001 - bad input is its request's own
-                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load()))
+                    _send(self.conn, ("added", key, _picklable(e), self.engine.scheduler.load(), None))
                     continue
                 self.ids[key], self.keys[rid] = rid, key
-                _send(self.conn, ("added", key, None, self.engine.scheduler.load()))
-        elif kind == "cancel":
+                req = self.engine.requests.get(rid)  # a text request's text is the API process's to make
+                text = (req.params.stop, req.prompt_len) if isinstance(req, TextRequest) else None
+                _send(self.conn, ("added", key, None, self.engine.scheduler.load(), text))
+        elif kind in ("cancel", "finish"):  # finish: a stop string, found by the API process
             rid = self.ids.pop(args[0], None)
             if rid is not None:
                 self.keys.pop(rid, None)
-                observed_cancel(self.engine, self.observer, rid)
-                _send(self.conn, ("load", self.engine.scheduler.load()))
+                reason = "cancelled" if kind == "cancel" else "stop"
+                observed_finish(self.engine, self.observer, rid, reason)
+                _send(self.conn, ("ended", args[0], self.engine.scheduler.load()))
         elif kind == "call":
             key, fn = args
             try:
@@ -148,7 +153,7 @@ class _Core:
         return True
 
     def _step(self) -> None:
-        events = observed_step(self.engine, self.observer)
+        events = observed_step(self.engine, self.observer, self.engine.step_tokens)
         batch = []
         for ev in events:
             key = self.keys.get(ev.request_id)

@@ -4,9 +4,13 @@ JSON never wait for a step, nor a step for them. Same interface as AsyncEngine (
 
 API process                                         engine process (spawned)
   submit_all(adds) -> ("add", keys, adds) -> sender thread -> pipe -> poll between steps: add(engine) each
-  events      <- call_soon_threadsafe     <- reader thread  <- pipe <- ("events", [(key, Event)], load) per step
+  events <- call_soon_threadsafe <- text (OutputProcessor) <- reader thread <- pipe <- ("events", [(key, Event)],
+                                    a stop string: ("finish", key) -> pipe ->          load) per step, token ids
 
-A request is known by a key the API process gives it; `add` is a picklable callable `add(engine) -> request
+The engine process sends token ids; the reader thread makes their text (detokenizer.py's OutputProcessor, as
+vLLM V1's front end does), so that the engine's core is spent on the model, and tells the engine to finish a
+request whose text reached a stop string (the tokens it made meanwhile are dropped). A request is known by a
+key the API process gives it; `add` is a picklable callable `add(engine) -> request
 id` (a module-level function or `functools.partial` of one; a lambda is refused at submit). A step's events
 come back as one message, with the scheduler's (running, waiting) for admission. A child that dies (a crash, a
 failed step, the OOM killer) fails every request with an error and `failure` says why, as AsyncEngine does.
@@ -29,6 +33,7 @@ from multiprocessing.connection import wait
 
 from .async_engine import (EngineFailed, RequestStream, StepObserver, _set_exception, _set_result, _Submit, deliver,
                            events_of, notify, one_request)
+from .detokenizer import OutputProcessor
 from .engine import Engine
 from .engine_core import EngineSpec, engine_main
 from .request import Event
@@ -37,8 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class EngineProcess:
-    def __init__(self, spec: EngineSpec, start_timeout: float = 1800.0):
-        self.spec, self.start_timeout = spec, start_timeout
+    def __init__(self, spec: EngineSpec, start_timeout: float = 1800.0, tokenizer=None):
+        """`tokenizer`: the checkpoint's (loaded from it at start when not given), for the events' text."""
+        self.spec, self.start_timeout, self._tokenizer = spec, start_timeout, tokenizer
         self.running = False
         self.failure: str | None = None
         self._keys = itertools.count()
@@ -66,6 +72,11 @@ class EngineProcess:
         if kind != "ready":
             self._proc.join(10)
             raise EngineFailed(f"the engine process failed to start: {detail}")
+        if self._tokenizer is None:
+            from ..model.checkpoint import load_checkpoint
+
+            self._tokenizer = load_checkpoint(self.spec.checkpoint, load_vae=False, load_weights=False).tokenizer
+        self._outputs = OutputProcessor(self._tokenizer)  # the reader thread's alone
         self.running = True
         atexit.register(self.shutdown)  # an exit that skips the server's shutdown must not wait on the child
         threading.Thread(target=self._send_loop, name="xfusion-engine-send", daemon=True).start()
@@ -180,10 +191,15 @@ class EngineProcess:
     def _dispatch(self, kind: str, *args) -> None:
         if kind == "events":
             batch, self._load = args
-            deliver(self._streams, batch)
+            batch, stopped = self._outputs.process(batch)
+            deliver(self._streams, batch)  # it drops what comes for a stream that has ended
+            for key in stopped:  # the engine finishes them; their requests are done here already
+                self._outbox.put(pickle.dumps(("finish", key)))
         elif kind == "added":
-            key, error, self._load = args
+            key, error, self._load, text = args
             self._unacked.discard(key)
+            if text is not None:
+                self._outputs.add(key, *text)
             sub = self._streams.get(key) if error is None else self._streams.pop(key, None)
             if sub is not None:
                 notify(sub.loop, *((_set_result, sub.ready, key) if error is None
@@ -193,8 +209,9 @@ class EngineProcess:
             if (waiting := self._calls.pop(key, None)) is not None:
                 loop, fut = waiting
                 notify(loop, *((_set_result, fut, value) if error is None else (_set_exception, fut, error)))
-        elif kind == "load":
-            self._load = args[0]
+        elif kind == "ended":  # a cancel or finish handled
+            key, self._load = args
+            self._outputs.drop(key)
 
     def _fail_all(self, message: str) -> None:
         with self._failing:
@@ -211,6 +228,7 @@ class EngineProcess:
                 str(key), "done", finish_reason="error", error=f"internal error: {message}",
                 error_type="server_error"))
         self._streams.clear()
+        self._outputs.states.clear()
         self._unacked.clear()
         self._load = (0, 0)  # nothing runs or waits on an engine that is gone
         for loop, fut in self._calls.values():

@@ -32,10 +32,6 @@ class TextRequest:
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
-    text: str = ""  # streamed so far
-    decoded: str = ""  # the settled text of output[:read_offset] (incremental detokenization)
-    prefix_offset: int = 0
-    read_offset: int = 0
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None

@@ -87,11 +87,7 @@ class Metrics:
                 if ev.step == 1:
                     self._queue[task].observe((req.admitted_at or now) - req.arrival)
             elif ev.kind == "done":
-                self._last_token.pop(ev.request_id, None)
-                self.request_success.labels(task, ev.finish_reason or "unknown").inc()
-                self._e2e[task].observe(now - req.arrival)
-                if isinstance(req, TextRequest):
-                    self._prompt[task].inc(req.prompt_len)
+                self._ended(req, task, ev.finish_reason or "unknown", now)
                 if ev.images:
                     self.images.inc(len(ev.images))
                     self.image_seconds.observe(now - req.arrival)
@@ -116,12 +112,17 @@ class Metrics:
         self.preemptions.inc(s.preemptions - self._seen_preemptions)
         self._seen_preemptions = s.preemptions
 
-    def aborted(self, req) -> None:
-        """A request its client left (or that was cancelled): counted, as vLLM does, as finished "abort"."""
-        task = task_of(req)
+    def finished(self, req, reason: str) -> None:
+        """A request ended with no event: "cancelled" (its client left) counts, as vLLM does, as finished
+        "abort"; "stop" (a stop string the API process found) as a done event's stop would."""
+        self._ended(req, task_of(req), "abort" if reason == "cancelled" else reason, time.monotonic())
+
+    def _ended(self, req, task: str, reason: str, now: float) -> None:
         self._last_token.pop(req.id, None)
-        self.request_success.labels(task, "abort").inc()
-        self._e2e[task].observe(time.monotonic() - req.arrival)
+        self.request_success.labels(task, reason).inc()
+        self._e2e[task].observe(now - req.arrival)
+        if isinstance(req, TextRequest) and reason != "abort":
+            self._prompt[task].inc(req.prompt_len)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

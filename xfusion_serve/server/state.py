@@ -141,7 +141,7 @@ class ServerState:
             self._describe(ckpt)
             threads = torch.get_num_threads()
             self.engine = EngineProcess(EngineSpec(str(self.checkpoint), self.config.engine, threads, Metrics,
-                                                   engine_cores(self.config, threads)))
+                                                   engine_cores(self.config, threads)), tokenizer=ckpt.tokenizer)
         else:
             engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
             self._describe(engine.ckpt)
