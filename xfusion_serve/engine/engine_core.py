@@ -153,17 +153,23 @@ class _Core:
         return True
 
     def _step(self) -> None:
+        """One step; its events as one message: a plain token event (most of them) as a (key, token id) pair,
+        a fifteenth of an Event's pickle, and the rest as (key, Event)."""
         events = observed_step(self.engine, self.observer, self.engine.step_tokens)
-        batch = []
+        tokens, others = [], []
         for ev in events:
             key = self.keys.get(ev.request_id)
-            if key is not None:
-                if ev.preview is not None:  # sent from the CPU: unpickling it needs no device in the API process
-                    ev.preview = ev.preview.cpu()
-                batch.append((key, ev))
-                if ev.kind == "done":
-                    del self.keys[ev.request_id], self.ids[key]
-        _send(self.conn, ("events", batch, self.engine.scheduler.load()))
+            if key is None:
+                continue
+            if ev.kind == "token" and ev.logprobs is None and len(ev.token_ids) == 1:
+                tokens.append((key, ev.token_ids[0]))
+                continue
+            if ev.preview is not None:  # sent from the CPU: unpickling it needs no device in the API process
+                ev.preview = ev.preview.cpu()
+            others.append((key, ev))
+            if ev.kind == "done":
+                del self.keys[ev.request_id], self.ids[key]
+        _send(self.conn, ("events", tokens, others, self.engine.scheduler.load()))
 
 
 def _picklable(e: Exception) -> Exception:

@@ -4,8 +4,8 @@ JSON never wait for a step, nor a step for them. Same interface as AsyncEngine (
 
 API process                                         engine process (spawned)
   submit_all(adds) -> ("add", keys, adds) -> sender thread -> pipe -> poll between steps: add(engine) each
-  events <- call_soon_threadsafe <- text (OutputProcessor) <- reader thread <- pipe <- ("events", [(key, Event)],
-                                    a stop string: ("finish", key) -> pipe ->          load) per step, token ids
+  events <- call_soon_threadsafe <- text (OutputProcessor) <- reader thread <- pipe <- ("events", [(key, token)],
+                                    a stop string: ("finish", key) -> pipe ->   [(key, Event)], load) per step
 
 The engine process sends token ids; the reader thread makes their text (detokenizer.py's OutputProcessor, as
 vLLM V1's front end does), so that the engine's core is spent on the model, and tells the engine to finish a
@@ -190,7 +190,8 @@ class EngineProcess:
 
     def _dispatch(self, kind: str, *args) -> None:
         if kind == "events":
-            batch, self._load = args
+            tokens, others, self._load = args
+            batch = [(key, Event(str(key), "token", token_ids=[token])) for key, token in tokens] + others
             batch, stopped = self._outputs.process(batch)
             deliver(self._streams, batch)  # it drops what comes for a stream that has ended
             for key in stopped:  # the engine finishes them; their requests are done here already
