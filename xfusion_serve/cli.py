@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine in a process of its own, so that it and the API server do not share one GIL "
                         "(default); --no-engine-process: on a thread of the server's process")
     p.add_argument("--pin-engine", action=argparse.BooleanOptionalAction, default=_env("PIN_ENGINE", True, _flag),
-                   help="the engine process on CPU cores of its own, those its threads leave the API server "
-                        "(default; only where they leave one); --no-pin-engine: wherever the OS puts it")
+                   help="the engine process on CPU cores of its own, those its threads leave the API server, and the "
+                        "API server on the rest (default; only where they leave one); --no-pin-engine: both "
+                        "wherever the OS puts them")
     p.add_argument("--api-key", action="append", default=_env("API_KEY", None, lambda v: v.split(",")),
                    help="accepted Bearer key (repeatable; none: no key needed)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from conftest import free_port
 
 from xfusion_serve import EMBEDDED_CHECKPOINT, EngineConfig
@@ -127,3 +128,36 @@ def test_a_server_compiles_the_decode_step_of_every_model_unless_told_not_to(mon
     seen = served_configs(monkeypatch, [], ["--no-compile-decode"])
     assert (seen[0].engine.compile_decode, seen[0].engine.compile_decode_from) == (None, 0)  # chosen: may fall back
     assert seen[1].engine.compile_decode is False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs a core to leave the API server")
+def test_a_pinned_server_runs_its_own_threads_off_the_engines_cores_and_gives_them_back(random_checkpoint_dir):
+    """The engine process computes on the cores engine_cores gives it; every thread of the API process (the
+    event loop, the engine process's reader and sender, the test client's) goes on the others while it serves,
+    and gets its cores back when the server closes."""
+    from fastapi.testclient import TestClient
+
+    from xfusion_serve.server.app import create_app
+
+    def cores_of_every_thread() -> set[frozenset]:
+        seen = set()
+        for t in os.listdir("/proc/self/task"):
+            try:
+                seen.add(frozenset(os.sched_getaffinity(int(t))))
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+        return seen
+
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    torch.set_num_threads(1)  # as `serve` sets it for a small model (compute_threads): a core left to the API
+    try:
+        app = create_app(ServerConfig(checkpoint=str(random_checkpoint_dir), engine=EngineConfig(block_size=4)))
+        with TestClient(app) as client:
+            engine = app.state.server.engine
+            assert engine.spec.cores == (max(before),)
+            assert os.sched_getaffinity(engine._proc.pid) == {max(before)}
+            assert cores_of_every_thread() == {frozenset(before - {max(before)})}
+            assert client.post("/v1/completions", json={"prompt": "a red", "max_tokens": 4}).status_code == 200
+        assert cores_of_every_thread() == {frozenset(before)}
+    finally:
+        torch.set_num_threads(threads)

@@ -3,6 +3,7 @@ app.state.server (no module-level globals): the engine, the tokenizer, the train
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,8 @@ from ..model.latents import decode_latents
 from .metrics import Metrics, render_metrics
 from .schemas import image_to_base64
 from .serving import APIError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,8 +78,8 @@ def engine_cores(config: ServerConfig, threads: int) -> tuple[int, ...] | None:
     """The CPU cores the engine process computes on -> the last `threads` of the usable cores, or None (not
     pinned). Pinned only where the engine runs in a process of its own on the CPU and its threads leave a core
     to the API server (compute_threads' policy): the engine's one thread then never shares a core, nor moves
-    between them, when the event loop, the sockets or the clients wake. The API process stays unpinned: it
-    runs wherever the engine is not. vLLM's CPU backend binds its OpenMP threads likewise
+    between them, when the event loop, the sockets or the clients wake; the API process's threads go on the
+    cores it leaves (`pin_threads`). vLLM's CPU backend binds its OpenMP threads likewise
     (VLLM_CPU_OMP_THREADS_BIND=auto). `benchmarks/bench_peers.py --variant` side by side (README, "Speed")."""
     if not (config.pin_engine and config.engine_process and config.engine.device.startswith("cpu")):
         return None
@@ -84,6 +87,16 @@ def engine_cores(config: ServerConfig, threads: int) -> tuple[int, ...] | None:
         return None
     usable = sorted(os.sched_getaffinity(0))
     return tuple(usable[-threads:]) if 0 < threads < len(usable) else None
+
+
+def pin_threads(cores: set[int]) -> None:
+    """Every thread of this process onto `cores`, as `taskset -a` does: os.sched_setaffinity binds one thread,
+    and a thread made later inherits its creator's cores. Linux only (where engine_cores pins)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, FileNotFoundError):  # a thread that ended meanwhile
+            pass
 
 
 class ServerState:
@@ -96,6 +109,7 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.metrics = Metrics()
         self.tokenizer = None
+        self._cores_before: set[int] | None = None  # this process's cores before it left the engine's
         self.trained_sizes: list[tuple[int, int]] = []
         self.default_steps = 0
         self.image_answer = ImageAnswer()  # how the checkpoint answers with an image (text first or not)
@@ -140,8 +154,9 @@ class ServerState:
             ckpt = load_checkpoint(self.checkpoint, load_vae=False, load_weights=False)
             self._describe(ckpt)
             threads = torch.get_num_threads()
+            cores = engine_cores(self.config, threads)
             self.engine = EngineProcess(EngineSpec(str(self.checkpoint), self.config.engine, threads, Metrics,
-                                                   engine_cores(self.config, threads)), tokenizer=ckpt.tokenizer)
+                                                   cores), tokenizer=ckpt.tokenizer)
         else:
             engine = engine or Engine.from_checkpoint(self.checkpoint, self.config.engine)
             self._describe(engine.ckpt)
@@ -150,6 +165,12 @@ class ServerState:
             self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
             self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
+        if isinstance(self.engine, EngineProcess) and self.engine.spec.cores is not None:
+            # off the engine's cores once it has started (it sets its own): the event loop, the reader thread
+            # and the clients' sockets never take the core of the engine's one thread (close() gives them back)
+            self._cores_before = os.sched_getaffinity(0)
+            pin_threads(self._cores_before - set(self.engine.spec.cores))
+            log.info("the API server runs on CPU cores %s", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
         self.ready = True
 
     def _describe(self, ckpt) -> None:
@@ -172,3 +193,6 @@ class ServerState:
         self.ready = False
         if self.engine is not None:
             self.engine.shutdown()
+        if self._cores_before is not None:
+            pin_threads(self._cores_before)
+            self._cores_before = None
