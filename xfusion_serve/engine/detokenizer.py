@@ -63,7 +63,7 @@ class OutputProcessor:
 
     A token event gets the text it adds (`text`); a done event gets the whole answer, cut before a stop string.
     A stop string ends a request here, not in the engine: `process` says which, and the caller finishes them in
-    the engine (`Engine.finish(request_id, "stop")`), whose later events for them this drops."""
+    the engine (`Engine.finish(request_id, "stop")`) and drops what the engine sent for them meanwhile."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -166,8 +166,8 @@ class ServerState:
             self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
         if isinstance(self.engine, EngineProcess) and self.engine.spec.cores is not None:
-            # off the engine's cores once it has started (it sets its own): the event loop, the reader thread
-            # and the clients' sockets never take the core of the engine's one thread (close() gives them back)
+            # off the engine's cores once it has started (it sets its own): the event loop and the reader and
+            # sender threads never take the core of the engine's thread (close() gives them back)
             self._cores_before = os.sched_getaffinity(0)
             pin_threads(self._cores_before - set(self.engine.spec.cores))
             log.info("the API server runs on CPU cores %s", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
