@@ -24,7 +24,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     anneal = None
     if args.anneal_steps:
         t1 = time.time()
-        anneal = vision_config(trained, work / "annealed", steps=args.anneal_steps, batch_size=args.batch_size,
-                               lr=args.anneal_lr, lambda_ar=args.lambda_ar,
-                               caption_max_noise=args.caption_max_noise, seed=args.seed + 1)
+        # the first stage's training but for these: its weights, fewer steps, a lower peak, fresh samples
+        anneal = replace(cfg, checkpoint=str(trained), out=str(work / "annealed"), steps=args.anneal_steps,
+                         lr=args.anneal_lr, seed=args.seed + 1, data_seed=args.seed + 1)
         trained = train(anneal, samples=task_samples(anneal))
         timings["anneal_s"] = round(time.time() - t1)
         remove_state(trained)
