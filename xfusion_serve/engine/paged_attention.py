@@ -24,7 +24,7 @@ class PrefillAttention:
     def __init__(self, backend: TorchBackend, pools: dict[str, KVPool], slots: dict[str, torch.Tensor],
                  cu_seqlens: list[int], image_ids: torch.Tensor):
         self.backend, self.pools, self.slots = backend, pools, slots
-        self.cu_seqlens, self.image_ids = cu_seqlens, image_ids
+        self.meta = backend.prepare_prefill(cu_seqlens, image_ids)
 
     def keeps(self, tower: str) -> bool:
         return tower in self.slots
@@ -35,7 +35,7 @@ class PrefillAttention:
             self.pools[tower].write(layer, self.slots[tower], k, v)
         if q is None:
             return None
-        return self.backend.prefill(_token_major(q), k, v, self.cu_seqlens, self.image_ids)
+        return self.backend.prefill(_token_major(q), k, v, self.meta)
 
 
 class DecodeAttention:
