@@ -28,7 +28,7 @@ BACKENDS = ("torch", "cpu", "triton", "flash-attn")
 class TorchBackend:
     name = "torch"
 
-    def prepare_prefill(self, cu_seqlens: list[int], image_ids: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:
+    def prepare_prefill(self, cu_seqlens: list[int], image_ids: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
         """What every layer of one prefill shares, built once: each packed sequence's (start, end, mask), the
         mask [1, 1, T, T] bool (causal, an image's tokens see each other) where the sequence holds an image,
         None where it is text alone (causal). One host sync for the whole batch."""
@@ -46,7 +46,8 @@ class TorchBackend:
         out = torch.empty_like(q)
         for s, e, mask in meta:
             q_, k_, v_ = (x[None, s:e].transpose(1, 2) for x in (q, k, v))
-            out[s:e] = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=mask is None)[0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=mask is None)
+            out[s:e] = o[0].transpose(0, 1)
         return out
 
     @staticmethod
