@@ -1,6 +1,6 @@
-"""The project's C++ kernels for the CPU (cpu_linear.cpp, cpu_attention.cpp), compiled together on first use for
-this machine's processor (-march=native) by torch.utils.cpp_extension and cached by torch
-(~/.cache/torch_extensions); 20-40 s the first time."""
+"""The project's C++ kernels for the CPU (cpu_linear.cpp, cpu_attention.cpp, their vector helpers in cpu_vec.h),
+compiled together on first use for this machine's processor (-march=native) by torch.utils.cpp_extension and
+cached by torch (~/.cache/torch_extensions); 20-40 s the first time."""
 
 from __future__ import annotations
 
@@ -55,7 +55,9 @@ def _build() -> bool:
 
     arch = "-march=native" if platform.machine() in ("x86_64", "AMD64", "i686") else "-mcpu=native"
     sources = [str(Path(__file__).with_name(name)) for name in ("cpu_linear.cpp", "cpu_attention.cpp")]
-    name = f"xfusion_cpu_kernels_{_cpu_tag()}"
+    # torch rebuilds when a source changes, not when a header it includes does: the header's text names the build.
+    header = hashlib.sha256(Path(__file__).with_name("cpu_vec.h").read_bytes()).hexdigest()[:8]
+    name = f"xfusion_cpu_kernels_{_cpu_tag()}_{header}"
     _clear_stale_lock(name)
     try:
         load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", arch],

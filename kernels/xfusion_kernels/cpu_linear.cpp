@@ -17,20 +17,13 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+
+#include "cpu_vec.h"
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+using xfusion_cpu::v16;
 constexpr int64_t kMaxRows = 64;  // more rows than this: at::linear
-
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 // y[m, r] = x[m, :] . w[r, :] for MT input rows and R weight rows; K a multiple of 16. With PF the next R
 // weight rows are prefetched, which only the first pass over a row group needs (later ones hit the cache).
@@ -51,18 +44,11 @@ inline void tile(const float* __restrict x, int64_t K, const float* __restrict w
     }
   }
   for (int m = 0; m < MT; ++m) {
-#ifdef __AVX512F__
     if constexpr (R == 4) {
-      __m512 a = (__m512)acc[m][0], b = (__m512)acc[m][1], c = (__m512)acc[m][2], d = (__m512)acc[m][3];
-      __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-      __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-      __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-      __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-      _mm_storeu_ps(y + m * ldy, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-      continue;
+      xfusion_cpu::hsum4(acc[m], y + m * ldy);
+    } else {
+      for (int r = 0; r < R; ++r) y[m * ldy + r] = xfusion_cpu::hsum(acc[m][r]);
     }
-#endif
-    for (int r = 0; r < R; ++r) y[m * ldy + r] = hsum(acc[m][r]);
   }
 }
 
