@@ -8,7 +8,6 @@ cache on first use (PyPI only).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -16,10 +15,8 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin
 
 import httpx
 
@@ -156,18 +153,18 @@ def vllm(cache: Path, text_dir: Path, port: int, max_seqs: int, max_model_len: i
 
 # ---- llama.cpp -------------------------------------------------------------------------------------------
 def llama_cpp_sources(cache: Path) -> Path:
-    """llama.cpp's sources as llama-cpp-python's sdist vendors them (PyPI; GitHub is not needed)."""
+    """llama.cpp's sources as llama-cpp-python's sdist vendors them, fetched by `pip download` (so through
+    whatever index pip is configured with: PyPI or a mirror; GitHub is not needed)."""
     src = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
     if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        index = f"https://pypi.org/pypi/llama-cpp-python/{LLAMA_CPP_PYTHON}/json"
-        with urllib.request.urlopen(index) as r:
-            meta = json.load(r)
-        url = urljoin(index, next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist"))
-        archive = cache / Path(url).name
-        urllib.request.urlretrieve(url, archive)
+        download = cache / "llama-cpp-python-sdist"
+        shutil.rmtree(download, ignore_errors=True)
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "-d", download, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], cache / "llama-cpp-download.log")
+        archive = next(download.glob("*.tar.gz"))
         with tarfile.open(archive) as tar:
             tar.extractall(cache, filter="data")
-        archive.unlink()
+        shutil.rmtree(download)
         (cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}").rename(src)
     return src / "vendor" / "llama.cpp"
 
