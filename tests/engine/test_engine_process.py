@@ -354,6 +354,17 @@ def test_a_group_whose_add_escapes_in_the_engine_process_ends_every_stream_of_it
     assert "PlantedExit" in engine_process.failure and engine_process.load() == (0, 0)
 
 
+
+def test_load_is_nothing_from_the_moment_of_a_failure():
+    """The reader thread wakes the failed requests' consumers before it empties its books: a consumer that asks
+    for the load at once (admission, the metrics) must hear (0, 0), not the requests that never reached the engine
+    (this raced in the test above: 1 run in 5 read (0, 3))."""
+    engine = EngineProcess(spec=None)
+    engine._load, engine._unacked = (2, 1), {7, 8, 9}  # what the books held when the engine process died
+    assert engine.load() == (2, 4)
+    engine.failure = "PlantedExit: planted"
+    assert engine.load() == (0, 0)
+
 def test_a_stop_string_found_in_the_api_process_ends_the_request_there_and_in_the_engine(random_checkpoint_dir,
                                                                                          engine_process):
     """The engine process sends token ids; the API process makes the text, and a stop string it finds ends the

@@ -102,7 +102,11 @@ class EngineProcess:
         return self.running and self._proc.is_alive()
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests; those still on their way to the engine count as waiting."""
+        """(running, waiting) requests; those still on their way to the engine count as waiting; (0, 0) once the
+        engine has failed, as AsyncEngine says: from the moment `failure` is set, before the reader thread has
+        emptied its books (a consumer woken by the failure may ask at once)."""
+        if self.failure:
+            return 0, 0
         running, waiting = self._load
         return running, waiting + len(self._unacked)
 

@@ -28,7 +28,8 @@ BACKENDS = ("torch", "cpu", "triton", "flash-attn")
 class TorchBackend:
     name = "torch"
 
-    def prepare_prefill(self, cu_seqlens: list[int], image_ids: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    def prepare_prefill(self, cu_seqlens: list[int],
+                        image_ids: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:
         """What every layer of one prefill shares, built once: each packed sequence's (start, end, mask), the
         mask [1, 1, T, T] bool (causal, an image's tokens see each other) where the sequence holds an image,
         None where it is text alone (causal). One host sync for the whole batch."""
