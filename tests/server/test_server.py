@@ -179,6 +179,41 @@ def test_api_keys_request_ids_and_body_limit(random_checkpoint_dir):
         assert chunked.status_code == 411
 
 
+
+def test_gauges_are_the_engines_state_when_scraped(checkpoint_dir):
+    """Gauges are read from the scheduler at the scrape (render_metrics), not left from the last step: requests
+    added and not yet stepped show as waiting, stepped ones as running with their KV blocks in use, and none once
+    they have ended, with no step run between the scrape and the change."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_engine import make_engine
+
+    from xfusion_serve import SamplingParams
+    from xfusion_serve.server.metrics import Metrics, render_metrics
+
+    engine, metrics = make_engine(checkpoint_dir, max_running=2), Metrics()
+
+    def scrape() -> dict:
+        text = render_metrics(engine, metrics).decode()
+        return {(s.name, tuple(s.labels.values())): s.value for fam in text_string_to_metric_families(text)
+                for s in fam.samples}
+
+    ids = [engine.add_text([5, 6, 7, 8, 9], SamplingParams(max_tokens=20, ignore_eos=True)) for _ in range(3)]
+    now = scrape()
+    assert (now[("xfusion_num_requests_waiting", ("text",))], now[("xfusion_num_requests_running", ("text",))]) == (
+        3, 0)
+    assert now[("xfusion_kv_cache_usage_perc", ("text",))] == 0
+    engine.step()  # two admitted (max_running), one waits
+    now = scrape()
+    assert (now[("xfusion_num_requests_waiting", ("text",))], now[("xfusion_num_requests_running", ("text",))]) == (
+        1, 2)
+    assert now[("xfusion_kv_cache_usage_perc", ("text",))] > 0
+    for rid in ids:
+        engine.cancel(rid)
+    now = scrape()
+    assert (now[("xfusion_num_requests_waiting", ("text",))], now[("xfusion_num_requests_running", ("text",))]) == (
+        0, 0)
+    assert now[("xfusion_kv_cache_usage_perc", ("text",))] == 0
+
 def test_metrics_parse_and_move(client):
     from prometheus_client.parser import text_string_to_metric_families
 

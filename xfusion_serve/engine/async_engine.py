@@ -267,7 +267,6 @@ def observed_finish(engine: Engine, observer: StepObserver | None, request_id: s
         engine.finish(request_id, reason)
         if observer is not None and req is not None:
             observer.finished(req, reason)
-            observer.observe(engine, [], {})  # gauges must not wait for the next step
     except Exception:  # noqa: BLE001
         log.exception("ending %s (%s) failed", request_id, reason)
 

@@ -54,8 +54,6 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         engine.warm_up()
         engine.capture_graphs()
         observer = spec.observer() if spec.observer is not None else None
-        if observer is not None:
-            observer.observe(engine, [], {})
     except BaseException as e:  # noqa: BLE001 - the API process must hear why
         log.exception("the engine could not start")
         _send(conn, ("failed", f"{type(e).__name__}: {e}"))

@@ -162,7 +162,6 @@ class ServerState:
             self._describe(engine.ckpt)
             self.vae = engine.ckpt.vae
             engine.warm_up()
-            self.metrics.observe(engine, [], {})  # gauges (cache use, queues) read from the first scrape on
             self.engine = AsyncEngine(engine, self.metrics)
         self.engine.start()
         if isinstance(self.engine, EngineProcess) and self.engine.spec.cores is not None:
