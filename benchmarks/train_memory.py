@@ -71,9 +71,14 @@ def shapes_of_preset(preset: str, vae: str, image_size: tuple[int, int]):
 
 
 def run(checkpoint: Path, sharding: str, args) -> dict:
-    out = Path(tempfile.mkdtemp(prefix=f"train-memory-{sharding}-"))
+    # The run writes its checkpoints (GBs at the 1B shape) into a folder removed when it returns.
+    with tempfile.TemporaryDirectory(prefix=f"train-memory-{sharding}-") as tmp:
+        return _train_and_read_log(checkpoint, sharding, args, Path(tmp) / "run")
+
+
+def _train_and_read_log(checkpoint: Path, sharding: str, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes),
-           "-m", "xfusion_serve.cli", "train", "--checkpoint", str(checkpoint), "--out", str(out / "run"),
+           "-m", "xfusion_serve.cli", "train", "--checkpoint", str(checkpoint), "--out", str(out),
            "--dataset", "shapes", "--shapes-size", str(args.batch_size * 2), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--sharding", sharding,
            "--log-every", "1", "--warmup-steps", "1", "--no-progress", "--precision", args.precision,
@@ -84,7 +89,7 @@ def run(checkpoint: Path, sharding: str, args) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:160]}
-    rows = [json.loads(x) for x in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     return rows[-1]
 
 
