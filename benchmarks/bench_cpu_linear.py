@@ -1,10 +1,14 @@
 """The project's CPU matrix multiply (xfusion::cpu_linear) against torch's F.linear (MKL), on the weights of one
-whole decode step of a model shape: every block's fused q/k/v, o, gate/up and down, and the LM head.
+whole decode step of a model shape: every block's fused q/k/v, o, gate/up and down, and the LM head. torch runs
+twice: on the weights as loaded ([out, in]) and with the block weights stored [in, out] (a transposed view; the
+LM head, an embedding too when tied, as loaded), as the engine stores them for torch's multiply on the CPU
+(llama.fuse_linears).
 
     python benchmarks/bench_cpu_linear.py [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536
         --vocab 49152] [--rows 1,4,16,64] [--repeats 5]
 
-Defaults: the 135M-class Llama of benchmarks/make_checkpoint.py's smol-135m preset. Random float32 weights; the
+Defaults: the 135M-class Llama of benchmarks/make_checkpoint.py's smol-135m preset; the embedded demo's text tower
+is `--layers 4 --hidden 128 --heads 4 --kv-heads 2 --intermediate 352 --vocab 562`. Random float32 weights; the
 figure is the best of `--repeats` passes over all matrices (ms per decode step's multiplies), interleaved.
 """
 
@@ -49,14 +53,18 @@ def main() -> None:
     if op is None:
         sys.exit("the kernel could not be built here (see the warning above)")
     ws = weights(a)
+    ws_in_out = [w.t().contiguous().t() for w in ws[:-1]] + ws[-1:]
     print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}")
-    print(f"{'rows':>5} {'ours ms':>9} {'torch ms':>9} {'torch/ours':>11}")
+    print(f"{'rows':>5} {'ours ms':>9} {'torch ms':>9} {'torch [in,out] ms':>18} {'torch/ours':>11} "
+          f"{'torch [in,out]/ours':>20}")
     for rows in map(int, a.rows.split(",")):
-        ours, theirs = float("inf"), float("inf")
-        for _ in range(a.repeats):  # interleaved: the machine's drift hits both alike
+        ours, theirs, transposed = float("inf"), float("inf"), float("inf")
+        for _ in range(a.repeats):  # interleaved: the machine's drift hits all alike
             ours = min(ours, step_ms(op, ws, rows))
             theirs = min(theirs, step_ms(F.linear, ws, rows))
-        print(f"{rows:>5} {ours:>9.1f} {theirs:>9.1f} {theirs / ours:>10.2f}x")
+            transposed = min(transposed, step_ms(F.linear, ws_in_out, rows))
+        print(f"{rows:>5} {ours:>9.3f} {theirs:>9.3f} {transposed:>18.3f} {theirs / ours:>10.2f}x "
+              f"{transposed / ours:>19.2f}x")
 
 
 if __name__ == "__main__":

@@ -217,12 +217,13 @@ class XFusionModel(nn.Module):
     def _tower(block: Block, h, rows, cos, sin, attention, tower: str, layer: int) -> torch.Tensor | None:
         return block.serve_rows(h, rows, cos, sin, attention, tower, layer)
 
-    def fuse_projections(self) -> "XFusionModel":
+    def fuse_projections(self, transposed: bool = False) -> "XFusionModel":
         """For inference: every block's q/k/v and gate/up projections as one matrix multiply each (see
-        Attention.fuse). Same parameters, same names, no added memory."""
+        Attention.fuse); `transposed`: every block weight stored [in, out] (llama.fuse_linears: faster for
+        MKL's few-row multiplies on the CPU). Same parameters, same names, no added memory."""
         for block in [*self.text.model.layers, *self.vision.layers]:
-            block.self_attn.fuse()
-            block.mlp.fuse()
+            block.self_attn.fuse(transposed)
+            block.mlp.fuse(transposed)
         return self
 
     def use_matmul(self, matmul) -> "XFusionModel":
