@@ -109,9 +109,9 @@ def fuse_linears(*linears: nn.Linear, transposed: bool = False) -> tuple[torch.T
     makes each linear's parameters views into the result. -> (weight [out, in], bias or None).
 
     `transposed`: the weight's memory laid out [in, out] (the weight a transposed view of it: same values and
-    shape). F.linear then runs as a BLAS "NN" multiply instead of "NT": on the CPU MKL's sgemm for 1 to 64 rows
-    of the demo's and a 135M model's shapes took 1.1x-1.7x less time so, and the same for hundreds of rows
-    (benchmarks/bench_cpu_linear.py, a whole decode step of either shape)."""
+    shape). F.linear then runs as a BLAS "NN" multiply instead of "NT", which MKL's float32 sgemm does faster
+    for a few rows: all of a demo decode step's multiplies at 16 rows 0.552 -> 0.356 ms on one thread
+    (`benchmarks/bench_cpu_linear.py`; README, "Figures")."""
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
         whole, start = torch.cat([t.detach() for t in tensors]), 0
         if transposed and whole.dim() == 2:
