@@ -112,12 +112,15 @@ class ModelRunner:
         step = self.captured if self.captured is not None and not self.captured_batches else self._decode_step
         return self._step(step, last_tokens, lengths, slots, block_tables)
 
-    def _step(self, step, last_tokens, lengths, slots, block_tables, width: int = 0) -> torch.Tensor:
-        """Runs a decode step (eager or compiled) and writes the new K/V it returns."""
+    def _step(self, step, last_tokens, lengths, slots, block_tables, width: int = 0,
+              compiling: bool = False) -> torch.Tensor:
+        """Runs a decode step (eager or compiled) and writes the new K/V it returns. `compiling`: the CPU graph's
+        first call (capture_graphs), whose rows and table width are marked dynamic sizes; later calls need no
+        mark (the compiled graph's guards take any size; 2 us a tensor, six a step)."""
         # One host-to-device copy for everything per token (a decode step is mostly such overhead).
         tokens, seq_lens, slots, positions = self._tensor([last_tokens, lengths, slots, [n - 1 for n in lengths]])
         tables = self._tables(block_tables, width or max(2, max(map(len, block_tables))))
-        if step is self.captured and not self.captured_batches:  # rows and table width: sizes of one CPU graph
+        if compiling and step is self.captured and not self.captured_batches:  # sizes of one CPU graph
             for x in (tokens, seq_lens, slots, positions, tables) if len(lengths) > 1 else ():
                 torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(tables, 1)
@@ -162,7 +165,7 @@ class ModelRunner:
         scratch = self.pools["text"].scratch_slot
         for b in self.captured_batches or (1, 2):
             for _ in range(2 if self.device.type == "cuda" else 1):
-                self._step(self.captured, [0] * b, [1] * b, [scratch] * b, [[]] * b, self.table_width)
+                self._step(self.captured, [0] * b, [1] * b, [scratch] * b, [[]] * b, self.table_width, compiling=True)
 
     @torch.no_grad()
     def prefill_prompts(self, prompts: list[list[Segment]], block_tables: list[dict[str, list[int]]]) -> int:
