@@ -56,7 +56,7 @@ def test_fused_blocks_keep_their_parameters_and_outputs(checkpoint_dir, transpos
 
 def test_the_engine_stores_block_weights_transposed_for_torchs_multiply_alone(checkpoint_dir):
     """On the CPU in float32, torch's (MKL's) few-row multiplies are faster on [in, out] weights; the project's
-    kernel (cpu_kernels) reads them [out, in], and in bfloat16 oneDNN is faster so too."""
+    kernel (cpu_kernels) reads them [out, in], and in bfloat16 oneDNN is faster on them as loaded."""
     torchs = Engine(load_checkpoint(checkpoint_dir), EngineConfig(block_size=4, cpu_kernels=False))
     assert all(w.t().is_contiguous() for b in blocks(torchs.runner.model) for w in block_weights(b))
     for config in (EngineConfig(block_size=4, cpu_kernels=True), EngineConfig(block_size=4, dtype="bfloat16")):
