@@ -354,7 +354,6 @@ def test_a_group_whose_add_escapes_in_the_engine_process_ends_every_stream_of_it
     assert "PlantedExit" in engine_process.failure and engine_process.load() == (0, 0)
 
 
-
 def test_load_is_nothing_from_the_moment_of_a_failure():
     """The reader thread wakes the failed requests' consumers before it empties its books: a consumer that asks
     for the load at once (admission, the metrics) must hear (0, 0), not the requests that never reached the engine
@@ -364,6 +363,7 @@ def test_load_is_nothing_from_the_moment_of_a_failure():
     assert engine.load() == (2, 4)
     engine.failure = "PlantedExit: planted"
     assert engine.load() == (0, 0)
+
 
 def test_a_stop_string_found_in_the_api_process_ends_the_request_there_and_in_the_engine(random_checkpoint_dir,
                                                                                          engine_process):

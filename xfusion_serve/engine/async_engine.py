@@ -136,7 +136,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Engine, StepObserver | None], object]) -> object:
         """fn(engine, observer) -> its result, run here (on the caller's thread): for what may read the engine
-        while it steps, such as rendering the metrics, which are thread-safe."""
+        while it steps, such as rendering the metrics: fn must read the engine's state as it changes (Metrics.refresh
+        copies the scheduler's queues first)."""
         return fn(self.engine, self.metrics)
 
     # ---- engine thread -----------------------------------------------------------------------------------
