@@ -168,6 +168,24 @@ def test_the_compiled_decode_step_gives_the_same_tokens(random_checkpoint_dir):
     assert_all_free(compiled)
 
 
+def test_a_compiled_decode_step_recompiled_for_other_threads_keeps_its_sizes_dynamic(random_checkpoint_dir):
+    """torch.compile guards on torch's thread count: an engine compiled on some threads and stepped on others
+    (benchmarks/bench_peers.py's waves on fewer threads, a caller's set_num_threads) recompiles once, for any
+    batch and table width; it does not compile a graph for every width until dynamo's recompile limit and then
+    run eagerly (as with `dynamic=False`, which turns off dynamo's automatic dynamic sizes)."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    eager = run_text(make_engine(random_checkpoint_dir), PROMPTS, params)
+    compiled = make_engine(random_checkpoint_dir, compile_decode=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        assert run_text(compiled, PROMPTS, params) == eager  # tables of 2 to 8 blocks
+        assert run_text(compiled, PROMPTS[2:3], params) == eager[2:3]
+    finally:
+        torch.set_num_threads(before)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 2  # one batch graph, one single
+
 def test_a_compile_chosen_by_size_that_fails_leaves_the_engine_eager(random_checkpoint_dir, monkeypatch):
     """A model of compile_decode_from parameters or more (a server's: every model) compiles its decode step by
     default; where inductor cannot build (no C++ compiler), the engine serves eagerly instead of not starting.

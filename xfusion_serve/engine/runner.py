@@ -149,7 +149,9 @@ class ModelRunner:
             self.captured_batches = CUDA_GRAPH_BATCHES
         else:
             # Guards on the model's parameters cost about a millisecond a step; they never change after load.
-            self.captured = torch.compile(self._decode_step, dynamic=False, options={
+            # dynamic=None, not False: a recompile for another guard (torch's thread count) keeps the sizes
+            # dynamic, where False would compile one graph per table width up to the recompile limit, then eager.
+            self.captured = torch.compile(self._decode_step, dynamic=None, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.capture_graphs()
 
