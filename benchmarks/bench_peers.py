@@ -7,7 +7,10 @@ Every server gets the same prompts, greedy, `max_tokens` new tokens each with en
 weights make texts short; each server takes `ignore_eos`), through streaming `/v1/completions`; tokens are counted from each response's
 usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
-inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer. "engine" is
+inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer: of the median rounds,
+and the median (and range) of each round's own ratio, whose two waves ran closest in time. By default one server
+runs at a time, started anew each round; `--together` starts them all once and interleaves every wave (pairs
+seconds apart, for a machine whose speed drifts; it needs the memory of all the servers at once). "engine" is
 xfusion-serve's engine in this process with the server's engine settings, with no HTTP: the same waves, for the
 HTTP overhead ("engine-eager": its decode step not compiled; "engine-server-threads": on as many torch threads
 as the served engine computes on, one on the demo on 2 cores, so that the gap splits into the core the server
@@ -97,15 +100,20 @@ class InProcess:
                  threads: int | None = None):
         from xfusion_serve import Engine, EngineConfig
 
-        config = EngineConfig(dtype=dtype, compile_decode=compile_decode, compile_decode_from=0)  # as `serve`'s
-        self.engine = Engine.from_checkpoint(checkpoint, config)
-        self.engine.warm_up()
-        self.engine.capture_graphs()
-        self.precision = dtype
         import torch
 
         self.torch_threads = threads or torch.get_num_threads()  # this process's torch is shared: set per wave
         self.threads = f"torch {self.torch_threads}"
+        config = EngineConfig(dtype=dtype, compile_decode=compile_decode, compile_decode_from=0)  # as `serve`'s
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)  # compiled for them: torch.compile guards on the thread count
+        try:
+            self.engine = Engine.from_checkpoint(checkpoint, config)
+            self.engine.warm_up()
+            self.engine.capture_graphs()
+        finally:
+            torch.set_num_threads(before)
+        self.precision = dtype
 
     def wave(self, concurrency: int, max_tokens: int) -> dict:
         import torch
@@ -159,6 +167,11 @@ def summarize(waves: list[dict]) -> dict:
             "tokens": best["tokens"]}
 
 
+def round_ratios(ours: list[dict], peer: list[dict]) -> list[float]:
+    """Our tok/s over the peer's, round by round (the waves of a round ran closest in time)."""
+    return [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"]) for a, b in zip(ours, peer)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -174,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                    help="one more xfusion-serve server in the same rounds, named NAME, with these extra serve "
                         "options (e.g. unpinned=--no-pin-engine); repeatable")
+    p.add_argument("--together", action="store_true",
+                   help="all servers up at once, every wave interleaved (default: one at a time, each round)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     if bad := [v for v in args.variant if "=" not in v]:
@@ -221,24 +236,44 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, list]] = {n: {c: [] for c in levels} for n in names}
     rss: dict[str, int] = {}
     logs = args.cache / "logs"
+    http = {name: server for name, server in servers.items() if isinstance(server, peers.Server)}
+
+    def start(names_: list[str]) -> None:
+        for name in names_:
+            http[name].start(logs)
+            asyncio.run(http_wave(http[name].url, 1, 8))  # warm up
+
+    def stop(names_: list[str]) -> None:
+        for name in names_:
+            rss[name] = max(rss.get(name, 0), http[name].rss())
+            http[name].stop()
+
+    def measure(r: int, name: str, c: int) -> None:
+        server = servers[name]
+        w = server.wave(c, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
+            http_wave(server.url, c, args.max_tokens))
+        results[name][c].append(w)
+        print(f"round {r + 1} {name:>20} c={c:<3} {w['tokens'] / w['seconds']:8.1f} tok/s", flush=True)
+
     try:
+        if args.together:
+            start(list(http))
         for r in range(args.rounds):
-            for name, server in servers.items():
-                if isinstance(server, peers.Server):
-                    server.start(logs)
-                    asyncio.run(http_wave(server.url, 1, 8))  # warm up
+            if args.together:
                 for c in levels:
-                    w = server.wave(c, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
-                        http_wave(server.url, c, args.max_tokens))
-                    results[name][c].append(w)
-                    print(f"round {r + 1} {name:>20} c={c:<3} {w['tokens'] / w['seconds']:8.1f} tok/s", flush=True)
-                if isinstance(server, peers.Server):
-                    rss[name] = max(rss.get(name, 0), server.rss())
-                    server.stop()
+                    for name in names:
+                        measure(r, name, c)
+                continue
+            for name in names:
+                start([name] if name in http else [])
+                for c in levels:
+                    measure(r, name, c)
+                stop([name] if name in http else [])
+        if args.together:
+            stop(list(http))
     finally:
-        for server in servers.values():
-            if isinstance(server, peers.Server):
-                server.stop()
+        for server in http.values():
+            server.stop()
 
     figures = {n: {c: summarize(results[n][c]) for c in levels} for n in names}
     print("\nserver               precision  threads                          c   tok/s  TTFT ms  ITL p50  ITL p99"
@@ -250,11 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<20} {server.precision:<10} {server.threads[:30]:<30} {c:>3} {f['tok_s']:7.1f} "
                   f"{f['ttft_ms']:8.1f} {f['itl_p50_ms']:8.1f} {f['itl_p99_ms']:8.1f} {mem}")
     ours = "xfusion" if "xfusion" in names else "engine"
+    paired = {}
     for peer in [n for n in names if n != ours]:
         ratios = "  ".join(f"c={c}: {figures[ours][c]['tok_s'] / figures[peer][c]['tok_s']:.2f}x" for c in levels)
         print(f"{ours} / {peer} (tok/s): {ratios}")
+        paired[peer] = {c: round_ratios(results[ours][c], results[peer][c]) for c in levels}
+        print(f"{ours} / {peer}, median of each round's ratio (range): " + "  ".join(
+            f"c={c}: {statistics.median(x):.2f}x ({min(x):.2f}-{max(x):.2f})" for c, x in paired[peer].items()))
     if args.json:
-        args.json.write_text(json.dumps({"figures": figures, "rss": rss}, indent=1))
+        args.json.write_text(json.dumps({"figures": figures, "rss": rss, "round_ratios": paired}, indent=1))
     return 0
 
 

@@ -34,7 +34,7 @@ class EngineConfig:
     compile_denoise: bool | None = None
     # By default COMPILE_DECODE_ON_CPU_FROM: an engine built for a few requests (tests, scripts) does not wait
     # for a compile that a long run pays back. `xfusion-serve serve` sets 0: a server compiles every model
-    # (the demo: 8 s at start-up, 33 s with an empty inductor cache, for 1.2x-1.7x its eager tok/s).
+    # (the demo: 8 s at start-up, 33-40 s with an empty inductor cache, for 1.2x-1.7x its eager tok/s).
     compile_decode_from: int = COMPILE_DECODE_ON_CPU_FROM
     # The project's float32 matrix multiply for few rows (kernels/xfusion_kernels/cpu_linear.cpp), built for
     # this CPU at start-up (about 40 s; cached by torch after the first time). None: on for float32 on the CPU
