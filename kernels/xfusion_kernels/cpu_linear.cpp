@@ -11,8 +11,8 @@
 //     computing (without it the kernel waited on memory half the time);
 //   - past the first 4 input rows the weights come from the cache and the tile is bound by arithmetic: there
 //     every vector is loaded once into a register (GCC otherwise folds the loads into the multiply-adds,
-//     reading each vector 4 times: 20 loads for 16 multiply-adds; 1.45x / 1.8x faster at 16 / 64 rows on one
-//     thread, 1.2x / 1.27x on two, the 135M shape's blocks);
+//     reading each vector 4 times: 20 loads for 16 multiply-adds; 1.44x / 1.91x faster at 16 / 64 rows on one
+//     thread, 1.14x / 1.24x on two, the 135M shape's blocks);
 //   - the 16 accumulators of a tile are reduced 4 at a time (interleave, add, fold the 128-bit lanes);
 //   - tiles of 4 weight rows are spread over torch's intra-op threads.
 // Written with GCC vector extensions, so it compiles for whatever the machine has (-march=native); the

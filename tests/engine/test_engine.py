@@ -186,6 +186,7 @@ def test_a_compiled_decode_step_recompiled_for_other_threads_keeps_its_sizes_dyn
         torch.set_num_threads(before)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 2  # one batch graph, one single
 
+
 def test_a_compile_chosen_by_size_that_fails_leaves_the_engine_eager(random_checkpoint_dir, monkeypatch):
     """A model of compile_decode_from parameters or more (a server's: every model) compiles its decode step by
     default; where inductor cannot build (no C++ compiler), the engine serves eagerly instead of not starting.

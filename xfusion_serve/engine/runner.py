@@ -151,8 +151,8 @@ class ModelRunner:
             # Guards on the model's parameters cost about a millisecond a step; they never change after load.
             # dynamic=None, not False: a recompile for another guard (torch's thread count) keeps the sizes
             # dynamic, where False would compile one graph per table width up to the recompile limit, then eager.
-            # cpp_wrapper: the graph's kernels called from C++, not from a Python wrapper, about 0.2 ms less a
-            # step of the demo at 16 rows (1.35 -> 1.18 ms on one thread, a session script).
+            # cpp_wrapper: the graph's kernels called from C++, not from a Python wrapper: the demo's step 1.13x
+            # faster at 1 and at 16 rows on one thread, 1.25x and 1.15x on two (README, twelfth session).
             self.captured = torch.compile(self._decode_step, dynamic=None, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
         self.capture_graphs()
