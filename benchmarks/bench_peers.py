@@ -238,15 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.cache / "logs"
     http = {name: server for name, server in servers.items() if isinstance(server, peers.Server)}
 
-    def start(names_: list[str]) -> None:
-        for name in names_:
-            http[name].start(logs)
-            asyncio.run(http_wave(http[name].url, 1, 8))  # warm up
+    def start(name: str) -> None:
+        http[name].start(logs)
+        asyncio.run(http_wave(http[name].url, 1, 8))  # warm up
 
-    def stop(names_: list[str]) -> None:
-        for name in names_:
-            rss[name] = max(rss.get(name, 0), http[name].rss())
-            http[name].stop()
+    def stop(name: str) -> None:
+        rss[name] = max(rss.get(name, 0), http[name].rss())
+        http[name].stop()
 
     def measure(r: int, name: str, c: int) -> None:
         server = servers[name]
@@ -256,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1} {name:>20} c={c:<3} {w['tokens'] / w['seconds']:8.1f} tok/s", flush=True)
 
     try:
-        if args.together:
-            start(list(http))
+        for name in http if args.together else ():
+            start(name)
         for r in range(args.rounds):
             if args.together:
                 for c in levels:
@@ -265,12 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                         measure(r, name, c)
                 continue
             for name in names:
-                start([name] if name in http else [])
+                if name in http:
+                    start(name)
                 for c in levels:
                     measure(r, name, c)
-                stop([name] if name in http else [])
-        if args.together:
-            stop(list(http))
+                if name in http:
+                    stop(name)
+        for name in http if args.together else ():
+            stop(name)
     finally:
         for server in http.values():
             server.stop()
