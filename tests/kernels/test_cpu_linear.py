@@ -60,19 +60,21 @@ def test_one_op_in_a_whole_compiled_graph():
     torch.testing.assert_close(compiled(x, w), op(x, w).relu())
 
 
-def test_the_engine_switch(checkpoint_dir, monkeypatch):
-    import xfusion_serve.engine.engine as engine_module
+def test_the_engine_switch(checkpoint_dir):
     from xfusion_serve import Engine, EngineConfig, load_checkpoint
 
     def engine(**kw) -> Engine:
         return Engine(load_checkpoint(checkpoint_dir), EngineConfig(kv_cache_memory=1 << 20, **kw))
 
-    on = engine(cpu_kernels=True)
+    on = engine()  # by default on for float32 on the CPU, whatever the model's size (this one is tiny)
     assert on.config.cpu_kernels and on.runner.model.text.matmul is op
     assert all(b.mlp.matmul is op and b.self_attn.matmul is op for b in on.runner.model.vision.layers)
-    assert engine().runner.model.text.matmul is F.linear  # by default only for a large model
-    monkeypatch.setattr(engine_module, "COMPILE_DECODE_ON_CPU_FROM", 0)
-    assert engine(compile_decode=False).runner.model.text.matmul is op
+    block = on.runner.model.text.model.layers[0]
+    assert block.mlp.down_proj.weight.is_contiguous()  # [out, in], as the kernel reads it
+    off = engine(cpu_kernels=False)
+    assert off.runner.model.text.matmul is F.linear
+    block = off.runner.model.text.model.layers[0]
+    assert block.mlp.down_proj.weight.t().is_contiguous()  # [in, out] in memory, for MKL's "NN" multiply
     assert not EngineConfig(dtype="bfloat16").cpu_kernels
     with pytest.raises(ValueError, match="cpu_kernels"):
         EngineConfig(device="cuda", cpu_kernels=True)

@@ -37,8 +37,9 @@ class EngineConfig:
     # (the demo: 8 s at start-up, 33-40 s with an empty inductor cache, for 1.2x-1.7x its eager tok/s).
     compile_decode_from: int = COMPILE_DECODE_ON_CPU_FROM
     # The project's float32 matrix multiply for few rows (kernels/xfusion_kernels/cpu_linear.cpp), built for
-    # this CPU at start-up (about 40 s; cached by torch after the first time). None: on for float32 on the CPU
-    # for a text tower of COMPILE_DECODE_ON_CPU_FROM parameters or more; where it cannot be built (no C++
+    # this CPU at start-up with the cpu attention backend's kernel (20-40 s; cached by torch after the first
+    # time). None: on for float32 on the CPU, every model size (the demo's decode step 1.09x-1.16x faster than
+    # with MKL at 1 to 64 rows on one thread; README, thirteenth session); where it cannot be built (no C++
     # compiler) the engine uses torch's linear.
     cpu_kernels: bool | None = None
 
@@ -50,8 +51,8 @@ class EngineConfig:
             raise ValueError("kv_cache_fraction must lie in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive (or None: sized from free memory)")
-        if self.cpu_kernels is None and (self.device != "cpu" or self.dtype != "float32"):
-            self.cpu_kernels = False  # on the CPU in float32 the engine decides from the model's size
+        if self.cpu_kernels is None:
+            self.cpu_kernels = self.device == "cpu" and self.dtype == "float32"
         if self.cpu_kernels and (self.device != "cpu" or self.dtype != "float32"):
             raise ValueError("cpu_kernels needs device cpu and dtype float32")
         if on_cuda and self.compile_decode is None:

@@ -19,7 +19,7 @@ import torch
 from ..model.attention import default_backend
 from ..model.checkpoint import Checkpoint, load_checkpoint
 from ..model.latents import decode_latents
-from .config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
+from .config import EngineConfig
 from .detokenizer import OutputProcessor
 from .flow_matching import guided
 from .inputs import RequestInputs
@@ -56,7 +56,6 @@ class Engine(RequestInputs, OfflineAPI):
         size = sum(p.numel() for p in ckpt.model.text.parameters())
         compile_decode = size >= c.compile_decode_from if c.compile_decode is None else c.compile_decode
         c = replace(c, compile_decode=compile_decode,
-                    cpu_kernels=size >= COMPILE_DECODE_ON_CPU_FROM if c.cpu_kernels is None else c.cpu_kernels,
                     attention_backend=c.attention_backend or default_backend(
                         torch.device(c.device), getattr(torch, c.dtype), head_shape(ckpt.model.text_config)[1]))
         self.runner = ModelRunner(ckpt, c)

@@ -32,11 +32,11 @@ class ModelRunner:
         # every block weight stored [in, out] (the project's kernel reads them [out, in]; in bfloat16 oneDNN was
         # slower so, 0.80x-0.88x at 1 to 64 rows of the 135M shape on 2 threads, a session script).
         p = next(ckpt.model.parameters())
-        transposed = p.device.type == "cpu" and p.dtype == torch.float32 and not config.cpu_kernels
-        self.model = ckpt.model.fuse_projections(transposed=transposed)
-        if config.cpu_kernels:
-            if (op := cpu_linear()) is not None:
-                self.model.use_matmul(op)
+        op = cpu_linear() if config.cpu_kernels else None  # None where it cannot be built: torch's multiply
+        self.model = ckpt.model.fuse_projections(
+            transposed=op is None and p.device.type == "cpu" and p.dtype == torch.float32)
+        if op is not None:
+            self.model.use_matmul(op)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         text_cfg = self.model.text_config
