@@ -60,7 +60,8 @@ def test_one_op_in_a_whole_compiled_graph():
     torch.testing.assert_close(compiled(x, w), op(x, w).relu())
 
 
-def test_the_engine_switch(checkpoint_dir):
+def test_the_engine_switch(checkpoint_dir, monkeypatch):
+    import xfusion_serve.engine.runner as runner_module
     from xfusion_serve import Engine, EngineConfig, load_checkpoint
 
     def engine(**kw) -> Engine:
@@ -75,6 +76,10 @@ def test_the_engine_switch(checkpoint_dir):
     assert off.runner.model.text.matmul is F.linear
     block = off.runner.model.text.model.layers[0]
     assert block.mlp.down_proj.weight.t().is_contiguous()  # [in, out] in memory, for MKL's "NN" multiply
+    monkeypatch.setattr(runner_module, "cpu_linear", lambda: None)  # asked for, but it cannot be built here
+    unbuilt = engine(cpu_kernels=True)
+    assert unbuilt.runner.model.text.matmul is F.linear
+    assert unbuilt.runner.model.text.model.layers[0].mlp.down_proj.weight.t().is_contiguous()  # laid out for MKL
     assert not EngineConfig(dtype="bfloat16").cpu_kernels
     with pytest.raises(ValueError, match="cpu_kernels"):
         EngineConfig(device="cuda", cpu_kernels=True)
