@@ -8,6 +8,7 @@ import threading
 import time
 from functools import partial
 
+import pytest
 from test_engine import make_engine
 
 from xfusion_serve import Engine, SamplingParams
@@ -157,3 +158,51 @@ def test_a_group_whose_add_escapes_ends_every_stream_of_it_with_an_error(random_
     assert ends == ["error", "refused", "refused", "refused"]
     assert "PlantedExit" in engine.failure
     assert engine.load() == (0, 0)  # nothing runs or waits on an engine that is gone
+
+
+def test_calls_run_on_the_engine_thread_between_steps_and_fail_once_it_stops(random_checkpoint_dir):
+    """call(fn) runs fn where the engine steps, never during a step (the metrics read the scheduler's queues so):
+    its result or its error reach the caller while requests stream on; after shutdown a call is refused."""
+    engine = AsyncEngine(make_engine(random_checkpoint_dir))
+    stepping = threading.Event()
+    step = engine.engine.step
+
+    def marked_step():
+        stepping.set()
+        try:
+            return step()
+        finally:
+            stepping.clear()
+
+    engine.engine.step = marked_step
+    engine.start()
+
+    def where(e, observer):
+        return threading.current_thread().name, stepping.is_set(), len(e.requests)
+
+    def broken(e, observer):
+        raise ValueError("a bad call")
+
+    async def scenario():
+        stream = engine.submit(partial(Engine.add_text, prompt=PROMPT,
+                                       params=SamplingParams(max_tokens=200, ignore_eos=True)))
+        await anext(stream)  # running now
+        seen = [await engine.call(where) for _ in range(20)]
+        with pytest.raises(ValueError, match="a bad call"):
+            await engine.call(broken)
+        seen.append(await engine.call(where))  # the engine serves on after a call that raised
+        await stream.aclose()
+        return seen
+
+    try:
+        seen = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        engine.shutdown()
+    assert all(name == "xfusion-engine" and not in_step for name, in_step, _ in seen)
+    assert all(running == 1 for _, _, running in seen)
+
+    async def late():
+        await asyncio.wait_for(engine.call(where), 5)  # refused at once, not left waiting
+
+    with pytest.raises(EngineFailed):
+        asyncio.run(late())

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .async_engine import StepObserver, observed_finish, observed_step
 from .config import EngineConfig
 from .engine import Engine
 from .request import TextRequest
+from .streams import StepObserver, observed_finish, observed_step
 
 log = logging.getLogger(__name__)
 

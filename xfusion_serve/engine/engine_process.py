@@ -31,12 +31,12 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from multiprocessing.connection import wait
 
-from .async_engine import (EngineFailed, RequestStream, StepObserver, _set_exception, _set_result, _Submit, deliver,
-                           events_of, notify, one_request)
 from .detokenizer import OutputProcessor
 from .engine import Engine
 from .engine_core import EngineSpec, engine_main
 from .request import Event
+from .streams import (EngineFailed, RequestStream, StepObserver, _set_exception, _set_result, _Submit, deliver,
+                      events_of, notify, one_request)
 
 log = logging.getLogger(__name__)
 

@@ -100,11 +100,10 @@ class Metrics:
         engine process's samples at one demo request, most of it these gauges)."""
         s = engine.scheduler
         running, waiting = dict.fromkeys(TASKS, 0), dict.fromkeys(TASKS, 0)
-        # Copied first, each in one C call the GIL never leaves: with the engine on a thread (AsyncEngine.call
-        # runs this on the scraping thread) the queues change meanwhile, and iterating a deque that changes raises.
+        # Run between two steps (AsyncEngine.call and EngineProcess.call): the queues hold still meanwhile.
         for r in s.text + s.images:
             running[task_of(r)] += 1
-        for r in tuple(s.waiting):
+        for r in s.waiting:
             waiting[task_of(r)] += 1
         for task in TASKS:
             self._running[task].set(running[task])

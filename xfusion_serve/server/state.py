@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from ..engine.async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine, EngineFailed
 from ..engine.config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
 from ..engine.engine import Engine
 from ..engine.engine_process import EngineProcess, EngineSpec
@@ -183,7 +183,10 @@ class ServerState:
         the engine runs in a process of its own."""
         if self.engine is None or not self.engine.alive:
             return self.metrics.render()
-        body = await self.engine.call(render_metrics)
+        try:
+            body = await self.engine.call(render_metrics)
+        except EngineFailed:  # it failed since: as if it had before
+            return self.metrics.render()
         if isinstance(self.engine, EngineProcess):
             body += generate_latest(self._api_registry)
         return body
