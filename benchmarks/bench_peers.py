@@ -3,9 +3,10 @@
     python benchmarks/bench_peers.py --preset smol-135m                 # builds the model (random weights)
     python benchmarks/bench_peers.py --checkpoint DIR --servers engine,xfusion   # ours only: in-process vs HTTP
 
-Every server gets the same prompts, greedy, `max_tokens` new tokens each with end-of-sequence ignored (random
-weights make texts short; each server takes `ignore_eos`), through streaming `/v1/completions`; tokens are counted from each response's
-usage (or its chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
+Every server gets the same prompts (each wave its own: no prefix cache answers from an earlier wave), greedy,
+`max_tokens` new tokens each with end-of-sequence ignored (random weights make texts short; each server takes
+`ignore_eos`), through streaming `/v1/completions`; tokens are counted from each response's usage (or its
+chunks where a server gives none). A wave of `c` requests is sent at once for each concurrency
 `c`; rounds interleave the servers and the median round is kept. Prints output tok/s, time to first token,
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer: of the median rounds,
 and the median (and range) of each round's own ratio, whose two waves ran closest in time. By default one server
@@ -46,6 +47,13 @@ PROMPTS = [
 ]
 
 
+def wave_prompts(tag: str, concurrency: int) -> list[str]:
+    """The prompts of one wave, each marked with the wave's tag and its index: every server gets the same ones,
+    and no prompt repeats an earlier wave's or another request's, so that no server answers from a prefix cache
+    (llama-server re-evaluated a cached prompt's last token in about a second; vLLM caches prefixes)."""
+    return [f"({tag}.{i}) {PROMPTS[i % len(PROMPTS)]}" for i in range(concurrency)]
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -74,19 +82,18 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
     out["itl"] += [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-async def http_wave(url: str, concurrency: int, max_tokens: int) -> dict:
+async def http_wave(url: str, prompts: list[str], max_tokens: int) -> dict:
     """One wave through HTTP. The client is aiohttp: on this 2-core machine it shares the cores with the server,
     and it takes about a third of the CPU httpx took for the same streams (0.07-0.10 core against 0.23 at 16
     streams of the demo)."""
     out = {"tokens": 0, "ttft": [], "itl": []}
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    connector = aiohttp.TCPConnector(limit=len(prompts) + 4)
     url = url.rstrip("/")
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as session:
         async with session.get(url + "/v1/models") as r:
             model = (await r.json())["data"][0]["id"]  # the name each server serves under
         start = time.perf_counter()
-        await asyncio.gather(*(one_request(session, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, out)
-                               for i in range(concurrency)))
+        await asyncio.gather(*(one_request(session, url, model, prompt, max_tokens, out) for prompt in prompts))
         out["seconds"] = time.perf_counter() - start
     return out
 
@@ -115,23 +122,23 @@ class InProcess:
             torch.set_num_threads(before)
         self.precision = dtype
 
-    def wave(self, concurrency: int, max_tokens: int) -> dict:
+    def wave(self, prompts: list[str], max_tokens: int) -> dict:
         import torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)
         try:
-            return self._wave(concurrency, max_tokens)
+            return self._wave(prompts, max_tokens)
         finally:
             torch.set_num_threads(before)
 
-    def _wave(self, concurrency: int, max_tokens: int) -> dict:
+    def _wave(self, prompts: list[str], max_tokens: int) -> dict:
         from xfusion_serve import SamplingParams
 
         engine, tok = self.engine, self.engine.tokenizer
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
-        ids = {engine.add_text(tok(PROMPTS[i % len(PROMPTS)]).input_ids, params): start for i in range(concurrency)}
+        ids = {engine.add_text(tok(prompt).input_ids, params): start for prompt in prompts}
         out, last = {"tokens": 0, "ttft": [], "itl": []}, {}
         while len(last) < len(ids) or engine.has_work():
             events = engine.step()
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def start(name: str) -> None:
         http[name].start(logs)
-        asyncio.run(http_wave(http[name].url, 1, 8))  # warm up
+        asyncio.run(http_wave(http[name].url, wave_prompts("warm-up", 1), 8))
 
     def stop(name: str) -> None:
         rss[name] = max(rss.get(name, 0), http[name].rss())
@@ -248,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(r: int, name: str, c: int) -> None:
         server = servers[name]
-        w = server.wave(c, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
-            http_wave(server.url, c, args.max_tokens))
+        prompts = wave_prompts(f"{r + 1}.{c}", c)  # each server gets this wave's prompts once
+        w = server.wave(prompts, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
+            http_wave(server.url, prompts, args.max_tokens))
         results[name][c].append(w)
         print(f"round {r + 1} {name:>20} c={c:<3} {w['tokens'] / w['seconds']:8.1f} tok/s", flush=True)
 
