@@ -11,7 +11,8 @@ chunks where a server gives none). A wave of `c` requests is sent at once for ea
 inter-token latency p50/p99 and the server's resident memory, then our ratio to each peer: of the median rounds,
 and the median (and range) of each round's own ratio, whose two waves ran closest in time. By default one server
 runs at a time, started anew each round; `--together` starts them all once and interleaves every wave (pairs
-seconds apart, for a machine whose speed drifts; it needs the memory of all the servers at once). "engine" is
+seconds apart, for a machine whose speed drifts; it needs the memory of all the servers at once; each round
+starts with another server). Every wave waits for the machine to be idle first (`settle`). "engine" is
 xfusion-serve's engine in this process with the server's engine settings, with no HTTP: the same waves, for the
 HTTP overhead ("engine-eager": its decode step not compiled; "engine-server-threads": on as many torch threads
 as the served engine computes on, one on the demo on 2 cores, so that the gap splits into the core the server
@@ -174,6 +175,27 @@ def summarize(waves: list[dict]) -> dict:
             "tokens": best["tokens"]}
 
 
+def cpu_busy() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    ticks = [int(t) for t in open("/proc/stat").readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def settle(busy_below: float = 0.10, window: float = 0.25, limit: float = 15.0) -> float:
+    """Waits until the machine's CPUs are at least 90% idle over `window` seconds (at most `limit`) -> the
+    seconds waited. A server that keeps its cores busy for a while after a wave (vLLM's CPU workers did, for
+    about a second) would otherwise slow the next server's wave: llama-server's first token took a second so."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        b0, t0 = cpu_busy()
+        time.sleep(window)
+        b1, t1 = cpu_busy()
+        if (b1 - b0) <= busy_below * max(1, t1 - t0):
+            break
+    return time.perf_counter() - start
+
+
 def round_ratios(ours: list[dict], peer: list[dict]) -> list[float]:
     """Our tok/s over the peer's, round by round (the waves of a round ran closest in time)."""
     return [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"]) for a, b in zip(ours, peer)]
@@ -256,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure(r: int, name: str, c: int) -> None:
         server = servers[name]
         prompts = wave_prompts(f"{r + 1}.{c}", c)  # each server gets this wave's prompts once
+        if (waited := settle()) >= 15.0:
+            print(f"the machine did not settle in {waited:.0f} s before {name}'s wave", flush=True)
         w = server.wave(prompts, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
             http_wave(server.url, prompts, args.max_tokens))
         results[name][c].append(w)
@@ -266,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             start(name)
         for r in range(args.rounds):
             if args.together:
+                order = names[r % len(names):] + names[: r % len(names)]  # each server first in some rounds
                 for c in levels:
-                    for name in names:
+                    for name in order:
                         measure(r, name, c)
                 continue
             for name in names:
