@@ -38,9 +38,9 @@ class EngineConfig:
     compile_decode_from: int = COMPILE_DECODE_ON_CPU_FROM
     # The project's float32 matrix multiply for few rows (kernels/xfusion_kernels/cpu_linear.cpp), built for
     # this CPU at start-up with the cpu attention backend's kernel (20-40 s; cached by torch after the first
-    # time). None: on for float32 on the CPU, every model size (the demo's decode step 1.09x-1.16x faster than
-    # with MKL at 1 to 64 rows on one thread; README, thirteenth session); where it cannot be built (no C++
-    # compiler) the engine uses torch's linear.
+    # time). None: on for float32 on the CPU, every model size (the demo at 1 to 64 requests: 1.05x-1.23x its
+    # tok/s with MKL on one thread, 1.00x-1.23x on two; README, thirteenth session); where it cannot be built
+    # (no C++ compiler) the engine uses torch's linear.
     cpu_kernels: bool | None = None
 
     def __post_init__(self):
