@@ -51,7 +51,7 @@ PROMPTS = [
 def wave_prompts(tag: str, concurrency: int) -> list[str]:
     """The prompts of one wave, each marked with the wave's tag and its index: every server gets the same ones,
     and no prompt repeats an earlier wave's or another request's, so that no server answers from a prefix cache
-    (llama-server re-evaluated a cached prompt's last token in about a second; vLLM caches prefixes)."""
+    (vLLM caches prefixes; llama-server gives a request the slot whose cached prompt it shares most of)."""
     return [f"({tag}.{i}) {PROMPTS[i % len(PROMPTS)]}" for i in range(concurrency)]
 
 
