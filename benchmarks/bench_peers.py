@@ -182,7 +182,10 @@ def cpu_busy() -> tuple[int, int]:
     return sum(ticks) - idle, sum(ticks)
 
 
-def settle(busy_below: float = 0.10, window: float = 0.25, limit: float = 15.0) -> float:
+SETTLE_LIMIT_S = 15.0
+
+
+def settle(busy_below: float = 0.10, window: float = 0.25, limit: float = SETTLE_LIMIT_S) -> float:
     """Waits until the machine's CPUs are at least 90% idle over `window` seconds (at most `limit`) -> the
     seconds waited. A server that keeps its cores busy for a while after a wave (vLLM's CPU workers did, for
     about a second) would otherwise slow the next server's wave: llama-server's first token took a second so."""
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure(r: int, name: str, c: int) -> None:
         server = servers[name]
         prompts = wave_prompts(f"{r + 1}.{c}", c)  # each server gets this wave's prompts once
-        if (waited := settle()) >= 15.0:
+        if (waited := settle()) >= SETTLE_LIMIT_S:
             print(f"the machine did not settle in {waited:.0f} s before {name}'s wave", flush=True)
         w = server.wave(prompts, args.max_tokens) if isinstance(server, InProcess) else asyncio.run(
             http_wave(server.url, prompts, args.max_tokens))
