@@ -214,6 +214,19 @@ def test_gauges_are_the_engines_state_when_scraped(checkpoint_dir):
     assert now[("xfusion_kv_cache_usage_perc", ("text",))] == 0
 
 
+def test_a_scrape_as_the_engine_fails_answers_what_this_process_has(client, monkeypatch):
+    """An engine that fails between /metrics' check that it is alive and its call: the scrape answers this
+    process's metrics (as after a failure), not a server error."""
+    from xfusion_serve.engine.streams import EngineFailed
+
+    async def failing(fn):
+        raise EngineFailed("planted")
+
+    monkeypatch.setattr(client.app.state.server.engine, "call", failing)
+    r = client.get("/metrics")
+    assert r.status_code == 200 and b"xfusion_generation_tokens_total" in r.content
+
+
 def test_metrics_parse_and_move(client):
     from prometheus_client.parser import text_string_to_metric_families
 

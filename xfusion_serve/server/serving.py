@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from ..engine.async_engine import EngineFailed
+from ..engine.streams import EngineFailed
 from ..engine.request import Event
 from ..engine.text_sampling import SamplingParams
 from .schemas import SamplingFields, image_to_base64
@@ -122,7 +122,7 @@ async def start_all(request: Request, adds: list, *, admitted: bool = False) -> 
         f.kind == "done" and f.finish_reason == "error")), None)
     if refused is not None:
         for s in streams:
-            await s.aclose()  # cancels a request that was queued (engine/async_engine.py RequestStream)
+            await s.aclose()  # cancels a request that was queued (engine/streams.py RequestStream)
         if isinstance(refused, ValueError):  # the engine refused the input (a size it was not trained on, ...)
             raise APIError(400, str(refused)) from refused
         if isinstance(refused, EngineFailed):

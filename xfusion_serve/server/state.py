@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from ..engine.async_engine import AsyncEngine, EngineFailed
+from ..engine.async_engine import AsyncEngine
 from ..engine.config import COMPILE_DECODE_ON_CPU_FROM, EngineConfig
 from ..engine.engine import Engine
 from ..engine.engine_process import EngineProcess, EngineSpec
+from ..engine.streams import EngineFailed
 from ..model.checkpoint import EMBEDDED_CHECKPOINT, load_checkpoint
 from ..model.config import ImageAnswer
 from ..model.latents import decode_latents
