@@ -7,14 +7,22 @@
 // computes dot products along K:
 //   - 4 weight rows x up to 4 input rows per tile, 16 accumulators of 16 floats, so each weight vector loaded
 //     feeds 4 fused multiply-adds and each input vector 4 more;
-//   - the next 4 weight rows are prefetched while the current ones are used, so reading memory overlaps
-//     computing (without it the kernel waited on memory half the time);
+//   - up to 48 input rows, where reading the weights bounds it, a tile's 4 weight rows are a quarter of the
+//     matrix apart (rows g, g + N/4, g + N/2, g + 3N/4), so that each thread reads the weights as 4 long
+//     sequential streams, which the hardware prefetchers follow. Four neighbouring rows (2.3 KB each at the
+//     135M shape) are 4 short streams that start anew every tile and read up to half as fast: all of the 135M
+//     shape's multiplies 1.18x / 1.24x / 1.22x faster at 1 / 4 / 16 rows on two threads, 1.58x / 1.21x /
+//     1.09x on one (README, fourteenth session). Over 48 rows arithmetic bounds it, and neighbouring rows are
+//     better there (strided ones 0.92x-0.97x at 64): rows whose distance is a multiple of 4 KB, as strided
+//     ones often are, share a few of the L1 cache's sets. Neighbouring rows prefetch the next 4 (strided
+//     ones are not helped by it);
 //   - past the first 4 input rows the weights come from the cache and the tile is bound by arithmetic: there
 //     every vector is loaded once into a register (GCC otherwise folds the loads into the multiply-adds,
 //     reading each vector 4 times: 20 loads for 16 multiply-adds; 1.44x / 1.91x faster at 16 / 64 rows on one
 //     thread, 1.14x / 1.24x on two, the 135M shape's blocks);
 //   - the 16 accumulators of a tile are reduced 4 at a time (interleave, add, fold the 128-bit lanes);
-//   - tiles of 4 weight rows are spread over torch's intra-op threads.
+//   - tiles are spread over torch's intra-op threads, each taking a contiguous range of g.
+// Its tiles are inlined by force: left to itself GCC kept a call at 64 rows, 0.92x as fast.
 // Written with GCC vector extensions, so it compiles for whatever the machine has (-march=native); the
 // 4-way reduction uses AVX-512 intrinsics where they exist. Over 64 rows (a prefill) it calls at::linear:
 // there a BLAS blocks and packs better than this. Inputs whose K is not a multiple of 16 do too.
@@ -28,6 +36,8 @@ namespace {
 
 using xfusion_cpu::v16;
 constexpr int64_t kMaxRows = 64;  // more rows than this: at::linear
+// Up to this many rows a tile's weight rows are a quarter of the matrix apart; over it, neighbours (see above).
+constexpr int64_t kMaxStridedRows = 48;
 
 // Keeps v in a register where the compiler would rather fold its load into each instruction that uses it
 // (one zmm register: AVX-512 only; elsewhere nothing).
@@ -39,23 +49,22 @@ inline void in_register(v16& v) {
 #endif
 }
 
-// y[m, r] = x[m, :] . w[r, :] for MT input rows and R weight rows; K a multiple of 16. With PF the next R
-// weight rows are prefetched, which only the first pass over a row group needs (later ones hit the cache).
-template <int MT, int R, bool PF>
-inline void tile(const float* __restrict x, int64_t K, const float* __restrict w, float* __restrict y,
-                 int64_t ldy) {
-  // The passes after a row group's first read the weights from the cache: bound by arithmetic, they keep every
-  // vector in a register. The first, bound by memory, lets GCC fold loads into the multiply-adds (faster there).
-  constexpr bool kPin = MT > 1 && !PF;
+// y[m, r * q] = x[m, :] . w[r * S, :] for MT input rows and R weight rows S floats apart and q columns apart in
+// y (kStrided; else neighbours: S = K, q = 1); K a multiple of 16. kPin: every vector kept in a register (the
+// passes over cached weights). PF: the R neighbouring rows after these prefetched.
+template <int MT, int R, bool kStrided, bool kPin, bool PF>
+__attribute__((always_inline)) inline void tile(const float* __restrict x, int64_t K, const float* __restrict w,
+                                                int64_t S, float* __restrict y, int64_t ldy, int64_t q) {
+  if constexpr (!kStrided) S = K, q = 1;
   v16 acc[MT][R];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = v16{};
   for (int64_t k = 0; k < K; k += 16) {
-    if (PF)
+    if constexpr (PF)
       for (int r = 0; r < R; ++r) __builtin_prefetch(w + (R + r) * K + k, 0, 3);
     v16 wv[R];
     for (int r = 0; r < R; ++r) {
-      wv[r] = *reinterpret_cast<const v16*>(w + r * K + k);
+      wv[r] = *reinterpret_cast<const v16*>(w + r * S + k);
       if constexpr (kPin) in_register(wv[r]);
     }
     for (int m = 0; m < MT; ++m) {
@@ -65,29 +74,37 @@ inline void tile(const float* __restrict x, int64_t K, const float* __restrict w
     }
   }
   for (int m = 0; m < MT; ++m) {
-    if constexpr (R == 4) {
+    if constexpr (R == 4 && !kStrided) {
       xfusion_cpu::hsum4(acc[m], y + m * ldy);
+    } else if constexpr (R == 4) {
+      float sums[4];
+      xfusion_cpu::hsum4(acc[m], sums);
+      for (int r = 0; r < 4; ++r) y[m * ldy + r * q] = sums[r];
     } else {
-      for (int r = 0; r < R; ++r) y[m * ldy + r] = xfusion_cpu::hsum(acc[m][r]);
+      for (int r = 0; r < R; ++r) y[m * ldy + r * q] = xfusion_cpu::hsum(acc[m][r]);
     }
   }
 }
 
-template <int MT, int R>
-inline void tile_pass(const float* x, int64_t K, const float* w, float* y, int64_t N, bool first) {
-  if (first) tile<MT, R, true>(x, K, w, y, N);
-  else tile<MT, R, false>(x, K, w, y, N);
+// The passes after a row group's first read the weights from the cache: bound by arithmetic, they keep every
+// vector in a register. The first, bound by memory, lets GCC fold loads into the multiply-adds (faster there),
+// and for neighbouring rows prefetches the next ones.
+template <int MT, int R, bool kStrided>
+__attribute__((always_inline)) inline void tile_pass(const float* x, int64_t K, const float* w, int64_t S,
+                                                     float* y, int64_t N, int64_t q, bool first) {
+  if (first) tile<MT, R, kStrided, false, !kStrided>(x, K, w, S, y, N, q);
+  else tile<MT, R, kStrided, (MT > 1), false>(x, K, w, S, y, N, q);
 }
 
-// Every input row against R weight rows (their outputs: columns of y).
-template <int R>
-void row_group(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+// Every input row against R weight rows (their outputs: columns of y); see tile for S, q and kStrided.
+template <int R, bool kStrided>
+void row_group(const float* x, int64_t M, int64_t K, const float* w, int64_t S, float* y, int64_t N, int64_t q) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_pass<4, R>(x + m * K, K, w, y + m * N, N, m == 0);
+  for (; m + 4 <= M; m += 4) tile_pass<4, R, kStrided>(x + m * K, K, w, S, y + m * N, N, q, m == 0);
   switch (M - m) {
-    case 3: tile_pass<3, R>(x + m * K, K, w, y + m * N, N, m == 0); break;
-    case 2: tile_pass<2, R>(x + m * K, K, w, y + m * N, N, m == 0); break;
-    case 1: tile_pass<1, R>(x + m * K, K, w, y + m * N, N, m == 0); break;
+    case 3: tile_pass<3, R, kStrided>(x + m * K, K, w, S, y + m * N, N, q, m == 0); break;
+    case 2: tile_pass<2, R, kStrided>(x + m * K, K, w, S, y + m * N, N, q, m == 0); break;
+    case 1: tile_pass<1, R, kStrided>(x + m * K, K, w, S, y + m * N, N, q, m == 0); break;
   }
 }
 
@@ -104,11 +121,18 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   const float* xp = x2.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t groups = N / 4;
-  at::parallel_for(0, groups, 8, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) row_group<4>(xp, M, K, wp + g * 4 * K, yp + g * 4, N);
-  });
-  for (int64_t n = groups * 4; n < N; ++n) row_group<1>(xp, M, K, wp + n * K, yp + n, N);
+  // Tile g: weight rows g, g + Q, g + 2Q and g + 3Q (strided), or 4g to 4g + 3.
+  const int64_t Q = N / 4;
+  if (M <= kMaxStridedRows) {
+    at::parallel_for(0, Q, 8, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) row_group<4, true>(xp, M, K, wp + g * K, Q * K, yp + g, N, Q);
+    });
+  } else {
+    at::parallel_for(0, Q, 8, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) row_group<4, false>(xp, M, K, wp + 4 * g * K, K, yp + 4 * g, N, 1);
+    });
+  }
+  for (int64_t n = 4 * Q; n < N; ++n) row_group<1, true>(xp, M, K, wp + n * K, 0, yp + n, N, 0);
   if (b.has_value() && b->defined()) y.add_(*b);
   auto shape = x.sizes().vec();
   shape.back() = N;
