@@ -1,16 +1,20 @@
 """Two engine settings of one checkpoint side by side, in process, no HTTP: each side is an engine in a process of
 its own (its own torch threads and compiled graphs), and their waves alternate (A B, then B A, ...) so that a
 machine whose speed drifts by the minute moves both alike. Prints each side's tok/s per concurrency (median of
-the rounds) and the median of each round's own ratio B/A with its range; and whether both made the same tokens.
+the rounds) and the median of each round's own ratio B/A with its range; and whether both made the same tokens
+(or pixels).
 
     python benchmarks/ab_engine.py --checkpoint DIR --a cpu_kernels=false --b cpu_kernels=true
         [--threads 1] [--a-threads N] [--b-threads N] [--concurrency 1,4,16,64] [--max-tokens 64] [--rounds 9]
+        [--images]
 
 `--a` / `--b`: EngineConfig fields as `name=value` (comma separated; true/false/none, numbers, else text), over
 the server's engine settings (every model's decode step compiled). Each wave sends `c` requests of the same
 prompts as benchmarks/bench_peers.py at once, greedy, `max_tokens` new tokens each (end of sequence ignored),
 and steps the engine as the server's engine process does (`step_tokens`: token ids, no text) until all are
-done. tok/s = tokens made / the wave's seconds. Not part of the test suite.
+done. tok/s = tokens made / the wave's seconds. `--images`: each wave asks for `c` images instead (IMAGE_PROMPTS,
+seeds 0 to c - 1, the checkpoint's first size, steps and guidance), as `step_tokens` makes them; images/s =
+images / the wave's seconds, and "same" compares their pixels. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench_peers import PROMPTS
+
+IMAGE_PROMPTS = ["a large red circle at the center", "a small blue square at the top left",
+                 "a green triangle at the bottom right", "two yellow circles side by side"]
 
 
 def parse_overrides(text: str) -> dict:
@@ -55,13 +62,13 @@ def parse_overrides(text: str) -> dict:
 
 def side(conn: Connection, checkpoint: str, overrides: dict, threads: int | None) -> None:
     """One side's process: builds the engine as `xfusion-serve serve` would (then `overrides`), says ready
-    (or why not), then runs each (concurrency, max_tokens) wave it is sent and answers its figures."""
+    (or why not), then runs each (kind, concurrency, max_tokens) wave it is sent and answers its figures."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        from xfusion_serve import Engine, EngineConfig, SamplingParams
+        from xfusion_serve import Engine, EngineConfig
 
         engine = Engine.from_checkpoint(checkpoint, EngineConfig(**{"compile_decode_from": 0, **overrides}))
         engine.warm_up()
@@ -70,18 +77,36 @@ def side(conn: Connection, checkpoint: str, overrides: dict, threads: int | None
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", torch.get_num_threads()))
-    tok = engine.tokenizer
     while (job := conn.recv()) is not None:
-        concurrency, max_tokens = job
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        start = time.perf_counter()
-        ids = [engine.add_text(tok(PROMPTS[i % len(PROMPTS)]).input_ids, params) for i in range(concurrency)]
-        made = {rid: [] for rid in ids}
-        while engine.has_work():
-            for ev in engine.step_tokens():
-                made[ev.request_id] += ev.token_ids
-        seconds = time.perf_counter() - start
-        conn.send({"seconds": seconds, "tokens": [made[rid] for rid in ids]})
+        conn.send(image_wave(engine, job[1]) if job[0] == "images" else text_wave(engine, *job[1:]))
+
+
+def text_wave(engine, concurrency: int, max_tokens: int) -> dict:
+    """`concurrency` requests of `max_tokens` tokens -> {"seconds", "count": tokens, "outputs": their ids}."""
+    from xfusion_serve import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    ids = [engine.add_text(engine.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, params) for i in range(concurrency)]
+    made = {rid: [] for rid in ids}
+    while engine.has_work():
+        for ev in engine.step_tokens():
+            made[ev.request_id] += ev.token_ids
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made[rid] for rid in ids]}
+
+
+def image_wave(engine, concurrency: int) -> dict:
+    """`concurrency` image requests -> {"seconds", "count": images, "outputs": their pixels (bytes)}."""
+    start = time.perf_counter()
+    ids = [engine.add_image(IMAGE_PROMPTS[i % len(IMAGE_PROMPTS)], seed=i) for i in range(concurrency)]
+    made = {}
+    while engine.has_work():
+        for ev in engine.step_tokens():
+            if ev.kind == "done":
+                made[ev.request_id] = [image.tobytes() for image in ev.images or []]
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made.get(rid) for rid in ids]}
 
 
 def start(name: str, checkpoint: str, overrides: dict, threads: int | None):
@@ -106,6 +131,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--images", action="store_true", help="image requests instead of text (max-tokens unused)")
     args = p.parse_args()
     overrides = {"A": parse_overrides(args.a), "B": parse_overrides(args.b)}
     threads = {"A": args.a_threads or args.threads, "B": args.b_threads or args.threads}
@@ -113,14 +139,17 @@ def main() -> None:
     for name, (_, _, n) in sides.items():
         print(f"{name}: {overrides[name] or 'defaults'}, torch threads {n}")
 
+    kind, unit = ("images", "images/s") if args.images else ("text", "tok/s")
+
     def wave(name: str, concurrency: int, max_tokens: int) -> dict:
         conn = sides[name][1]
-        conn.send((concurrency, max_tokens))
+        conn.send((kind, concurrency, max_tokens))
         return conn.recv()
 
     for name in sides:  # the first waves pay for one-off work (allocator, caches): not counted
-        wave(name, 4, 16)
-    print(f"{args.max_tokens} new tokens per request, {args.rounds} rounds, B/A > 1: B makes more tokens a second")
+        wave(name, 2, 16)
+    what = "images" if args.images else f"{args.max_tokens} new tokens per request"
+    print(f"{what}, {args.rounds} rounds, B/A > 1: B makes more {kind} a second")
     for c in map(int, args.concurrency.split(",")):
         rates = {"A": [], "B": []}
         same = True
@@ -128,12 +157,12 @@ def main() -> None:
             order = ("A", "B") if r % 2 == 0 else ("B", "A")
             got = {name: wave(name, c, args.max_tokens) for name in order}
             for name, w in got.items():
-                rates[name].append(sum(map(len, w["tokens"])) / w["seconds"])
-            same &= got["A"]["tokens"] == got["B"]["tokens"]
+                rates[name].append(w["count"] / w["seconds"])
+            same &= got["A"]["outputs"] == got["B"]["outputs"]
         ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
-        print(f"c={c:<3d} A {statistics.median(rates['A']):9.1f} tok/s   B {statistics.median(rates['B']):9.1f} tok/s"
+        print(f"c={c:<3d} A {statistics.median(rates['A']):9.2f} {unit}   B {statistics.median(rates['B']):9.2f} {unit}"
               f"   B/A {statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
-              f"   same tokens: {'yes' if same else 'no'}", flush=True)
+              f"   same {'pixels' if args.images else 'tokens'}: {'yes' if same else 'no'}", flush=True)
     for proc, conn, _ in sides.values():
         conn.send(None)
         proc.join(30)
