@@ -7,6 +7,9 @@ LM head, an embedding too when tied, as loaded), as the engine stores them for t
     python benchmarks/bench_cpu_linear.py [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536
         --vocab 49152] [--rows 1,4,16,64] [--repeats 5]
 
+`--against REV`: the kernel as it is here against its source at git revision REV (built beside it under another
+op name), alternated pass by pass: the median of `--repeats` pairs each, and of their ratios, instead of torch.
+
 Defaults: the 135M-class Llama of benchmarks/make_checkpoint.py's smol-135m preset; the embedded demo's text tower
 is `--layers 4 --hidden 128 --heads 4 --kv-heads 2 --intermediate 352 --vocab 562`. Random float32 weights; the
 figure is the best of `--repeats` passes over all matrices (ms per decode step's multiplies), interleaved.
@@ -15,7 +18,11 @@ figure is the best of `--repeats` passes over all matrices (ms per decode step's
 from __future__ import annotations
 
 import argparse
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,17 +49,59 @@ def step_ms(fn, ws: list[torch.Tensor], rows: int) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def kernel_at(rev: str):
+    """-> cpu_linear as kernels/xfusion_kernels/cpu_linear.cpp (and cpu_vec.h) were at git revision `rev`,
+    built as the op xfusion_ref::cpu_linear. Raises SystemExit where git cannot show them."""
+    from torch.utils.cpp_extension import load
+
+    root, folder = Path(__file__).resolve().parents[1], Path(tempfile.mkdtemp(prefix="cpu_linear_ref_"))
+    for name in ("cpu_linear.cpp", "cpu_vec.h"):
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/xfusion_kernels/{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode:
+            sys.exit(f"git cannot show {name} at {rev}: {shown.stderr.strip()}")
+        text = shown.stdout
+        if name.endswith(".cpp"):  # its own op namespace, so that both builds load into this process
+            text = re.sub(r"TORCH_LIBRARY(_FRAGMENT)?\(xfusion,", "TORCH_LIBRARY(xfusion_ref,", text)
+            text = text.replace("TORCH_LIBRARY_IMPL(xfusion,", "TORCH_LIBRARY_IMPL(xfusion_ref,")
+        (folder / name).write_text(text)
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True)
+    load(name=f"xfusion_cpu_linear_ref_{sha.stdout.strip()}", sources=[str(folder / "cpu_linear.cpp")],
+         extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    return torch.ops.xfusion_ref.cpu_linear
+
+
+def against(op, ref, ws: list[torch.Tensor], rows_list: list[int], repeats: int, rev: str) -> None:
+    print(f"{'rows':>5} {'ours ms':>9} {rev + ' ms':>12} {'ratio of medians':>17} {'median of ratios':>17}")
+    for rows in rows_list:
+        pairs = []
+        for i in range(repeats):  # alternated, each first in turn
+            if i % 2:
+                pairs.append((step_ms(op, ws, rows), step_ms(ref, ws, rows)))
+            else:
+                pairs.append(tuple(reversed((step_ms(ref, ws, rows), step_ms(op, ws, rows)))))
+        ours, theirs = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+        print(f"{rows:>5} {ours:>9.3f} {theirs:>12.3f} {theirs / ours:>16.2f}x "
+              f"{statistics.median(b / a for a, b in pairs):>16.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("layers", 30), ("hidden", 576), ("heads", 9), ("kv-heads", 3), ("intermediate", 1536),
                           ("vocab", 49152), ("repeats", 5)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--rows", default="1,4,16,64")
+    p.add_argument("--against", metavar="REV", help="the kernel at this git revision instead of torch")
     a = p.parse_args()
     op = cpu_linear()
     if op is None:
         sys.exit("the kernel could not be built here (see the warning above)")
     ws = weights(a)
+    if a.against:
+        print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}; "
+              f"ratios > 1: ours faster")
+        against(op, kernel_at(a.against), ws, list(map(int, a.rows.split(","))), a.repeats, a.against)
+        return
     ws_in_out = [w.t().contiguous().t() for w in ws[:-1]] + ws[-1:]
     print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}")
     print(f"{'rows':>5} {'ours ms':>9} {'torch ms':>9} {'torch [in,out] ms':>18} {'torch/ours':>11} "

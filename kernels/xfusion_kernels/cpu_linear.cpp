@@ -11,11 +11,11 @@
 //     matrix apart (rows g, g + N/4, g + N/2, g + 3N/4), so that each thread reads the weights as 4 long
 //     sequential streams, which the hardware prefetchers follow. Four neighbouring rows (2.3 KB each at the
 //     135M shape) are 4 short streams that start anew every tile and read up to half as fast: all of the 135M
-//     shape's multiplies 1.18x / 1.24x / 1.22x faster at 1 / 4 / 16 rows on two threads, 1.58x / 1.21x /
-//     1.09x on one (README, fourteenth session). Over 48 rows arithmetic bounds it, and neighbouring rows are
-//     better there (strided ones 0.92x-0.97x at 64): rows whose distance is a multiple of 4 KB, as strided
-//     ones often are, share a few of the L1 cache's sets. Neighbouring rows prefetch the next 4 (strided
-//     ones are not helped by it);
+//     shape's multiplies 1.45x / 1.23x / 1.18x faster at 1 / 4 / 16 rows on two threads, 1.74x / 1.28x /
+//     1.12x on one (`benchmarks/bench_cpu_linear.py --against 19fc557`; README, fourteenth session). Over
+//     48 rows arithmetic bounds it, and neighbouring rows are better there (strided ones 0.92x-0.97x at 64):
+//     rows whose distance is a multiple of 4 KB, as strided ones often are, share a few of the L1 cache's
+//     sets. Neighbouring rows prefetch the next 4 (strided ones are not helped by it);
 //   - past the first 4 input rows the weights come from the cache and the tile is bound by arithmetic: there
 //     every vector is loaded once into a register (GCC otherwise folds the loads into the multiply-adds,
 //     reading each vector 4 times: 20 loads for 16 multiply-adds; 1.44x / 1.91x faster at 16 / 64 rows on one
