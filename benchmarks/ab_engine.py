@@ -1,8 +1,8 @@
 """Two engine settings of one checkpoint side by side, in process, no HTTP: each side is an engine in a process of
 its own (its own torch threads and compiled graphs), and their waves alternate (A B, then B A, ...) so that a
-machine whose speed drifts by the minute moves both alike. Prints each side's tok/s per concurrency (median of
-the rounds) and the median of each round's own ratio B/A with its range; and whether both made the same tokens
-(or pixels).
+machine whose speed drifts by the minute moves both alike. Prints each side's tok/s (or images/s) per concurrency
+(median of the rounds) and the median of each round's own ratio B/A with its range; and whether both made the same
+tokens (or pixels).
 
     python benchmarks/ab_engine.py --checkpoint DIR --a cpu_kernels=false --b cpu_kernels=true
         [--threads 1] [--a-threads N] [--b-threads N] [--concurrency 1,4,16,64] [--max-tokens 64] [--rounds 9]
@@ -78,7 +78,11 @@ def side(conn: Connection, checkpoint: str, overrides: dict, threads: int | None
         return
     conn.send(("ready", torch.get_num_threads()))
     while (job := conn.recv()) is not None:
-        conn.send(image_wave(engine, job[1]) if job[0] == "images" else text_wave(engine, *job[1:]))
+        try:
+            conn.send(image_wave(engine, job[1]) if job[0] == "images" else text_wave(engine, *job[1:]))
+        except Exception as e:  # noqa: BLE001 - the parent says why and stops
+            conn.send({"failed": f"{type(e).__name__}: {e}"})
+            return
 
 
 def text_wave(engine, concurrency: int, max_tokens: int) -> dict:
@@ -91,6 +95,8 @@ def text_wave(engine, concurrency: int, max_tokens: int) -> dict:
     made = {rid: [] for rid in ids}
     while engine.has_work():
         for ev in engine.step_tokens():
+            if ev.kind == "done" and ev.error:
+                raise RuntimeError(f"a request failed: {ev.error}")
             made[ev.request_id] += ev.token_ids
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made[rid] for rid in ids]}
@@ -103,8 +109,10 @@ def image_wave(engine, concurrency: int) -> dict:
     made = {}
     while engine.has_work():
         for ev in engine.step_tokens():
+            if ev.kind == "done" and ev.error:
+                raise RuntimeError(f"an image request failed: {ev.error}")
             if ev.kind == "done":
-                made[ev.request_id] = [image.tobytes() for image in ev.images or []]
+                made[ev.request_id] = [image.tobytes() for image in ev.images]
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made.get(rid) for rid in ids]}
 
@@ -144,12 +152,15 @@ def main() -> None:
     def wave(name: str, concurrency: int, max_tokens: int) -> dict:
         conn = sides[name][1]
         conn.send((kind, concurrency, max_tokens))
-        return conn.recv()
+        got = conn.recv()
+        if "failed" in got:
+            sys.exit(f"side {name} failed: {got['failed']}")
+        return got
 
     for name in sides:  # the first waves pay for one-off work (allocator, caches): not counted
-        wave(name, 2, 16)
+        wave(name, 2 if args.images else 4, 16)
     what = "images" if args.images else f"{args.max_tokens} new tokens per request"
-    print(f"{what}, {args.rounds} rounds, B/A > 1: B makes more {kind} a second")
+    print(f"{what}, {args.rounds} rounds, B/A > 1: B makes more {'images' if args.images else 'tokens'} a second")
     for c in map(int, args.concurrency.split(",")):
         rates = {"A": [], "B": []}
         same = True

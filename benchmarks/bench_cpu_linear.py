@@ -5,7 +5,7 @@ LM head, an embedding too when tied, as loaded), as the engine stores them for t
 (llama.fuse_linears).
 
     python benchmarks/bench_cpu_linear.py [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536
-        --vocab 49152] [--rows 1,4,16,64] [--repeats 5]
+        --vocab 49152] [--rows 1,4,16,64] [--repeats 5] [--against REV]
 
 `--against REV`: the kernel as it is here against its source at git revision REV (built beside it under another
 op name), alternated pass by pass: the median of `--repeats` pairs each, and of their ratios, instead of torch.
@@ -18,6 +18,7 @@ figure is the best of `--repeats` passes over all matrices (ms per decode step's
 from __future__ import annotations
 
 import argparse
+import platform
 import re
 import statistics
 import subprocess
@@ -54,28 +55,39 @@ def kernel_at(rev: str):
     built as the op xfusion_ref::cpu_linear. Raises SystemExit where git cannot show them."""
     from torch.utils.cpp_extension import load
 
-    root, folder = Path(__file__).resolve().parents[1], Path(tempfile.mkdtemp(prefix="cpu_linear_ref_"))
-    for name in ("cpu_linear.cpp", "cpu_vec.h"):
-        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/xfusion_kernels/{name}"],
-                               capture_output=True, text=True)
-        if shown.returncode:
-            sys.exit(f"git cannot show {name} at {rev}: {shown.stderr.strip()}")
-        text = shown.stdout
-        if name.endswith(".cpp"):  # its own op namespace, so that both builds load into this process
-            text = re.sub(r"TORCH_LIBRARY(_FRAGMENT)?\(xfusion,", "TORCH_LIBRARY(xfusion_ref,", text)
-            text = text.replace("TORCH_LIBRARY_IMPL(xfusion,", "TORCH_LIBRARY_IMPL(xfusion_ref,")
-        (folder / name).write_text(text)
+    root = Path(__file__).resolve().parents[1]
     sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True)
-    load(name=f"xfusion_cpu_linear_ref_{sha.stdout.strip()}", sources=[str(folder / "cpu_linear.cpp")],
-         extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    if sha.returncode:
+        sys.exit(f"not a git revision here: {rev}")
+    name = f"xfusion_cpu_linear_ref_{sha.stdout.strip()}"
+    folder = Path(tempfile.gettempdir()) / name  # the same sources in the same place: torch's cached build serves
+    folder.mkdir(exist_ok=True)
+    for file in ("cpu_linear.cpp", "cpu_vec.h"):  # the header only where that revision has one
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/xfusion_kernels/{file}"],
+                               capture_output=True, text=True)
+        if shown.returncode and file.endswith(".h"):
+            continue
+        if shown.returncode:
+            sys.exit(f"git cannot show {file} at {rev}: {shown.stderr.strip()}")
+        text = shown.stdout
+        if file.endswith(".cpp"):  # its own op namespace, so that both builds load into this process
+            text, defs = re.subn(r"TORCH_LIBRARY(_FRAGMENT)?\(xfusion,", "TORCH_LIBRARY(xfusion_ref,", text)
+            text, impls = re.subn(r"TORCH_LIBRARY_IMPL\(xfusion,", "TORCH_LIBRARY_IMPL(xfusion_ref,", text)
+            if not (defs and impls):
+                sys.exit(f"cpu_linear.cpp at {rev} registers its op otherwise: cannot build it beside this one")
+        (folder / file).write_text(text)
+    arch = "-march=native" if platform.machine() in ("x86_64", "AMD64", "i686") else "-mcpu=native"  # as cpu.py
+    load(name=name, sources=[str(folder / "cpu_linear.cpp")], extra_cflags=["-O3", "-fopenmp", arch],
+         extra_ldflags=["-fopenmp"], is_python_module=False)
     return torch.ops.xfusion_ref.cpu_linear
 
 
 def against(op, ref, ws: list[torch.Tensor], rows_list: list[int], repeats: int, rev: str) -> None:
     print(f"{'rows':>5} {'ours ms':>9} {rev + ' ms':>12} {'ratio of medians':>17} {'median of ratios':>17}")
     for rows in rows_list:
+        step_ms(op, ws, rows), step_ms(ref, ws, rows)  # untimed: thread pools and caches warm for both
         pairs = []
-        for i in range(repeats):  # alternated, each first in turn
+        for i in range(repeats + repeats % 2):  # alternated, each first as often
             if i % 2:
                 pairs.append((step_ms(op, ws, rows), step_ms(ref, ws, rows)))
             else:

@@ -8,14 +8,15 @@
 //   - 4 weight rows x up to 4 input rows per tile, 16 accumulators of 16 floats, so each weight vector loaded
 //     feeds 4 fused multiply-adds and each input vector 4 more;
 //   - up to 48 input rows, where reading the weights bounds it, a tile's 4 weight rows are a quarter of the
-//     matrix apart (rows g, g + N/4, g + N/2, g + 3N/4), so that each thread reads the weights as 4 long
-//     sequential streams, which the hardware prefetchers follow. Four neighbouring rows (2.3 KB each at the
-//     135M shape) are 4 short streams that start anew every tile and read up to half as fast: all of the 135M
-//     shape's multiplies 1.45x / 1.23x / 1.18x faster at 1 / 4 / 16 rows on two threads, 1.74x / 1.28x /
-//     1.12x on one (`benchmarks/bench_cpu_linear.py --against 19fc557`; README, fourteenth session). Over
-//     48 rows arithmetic bounds it, and neighbouring rows are better there (strided ones 0.92x-0.97x at 64):
-//     rows whose distance is a multiple of 4 KB, as strided ones often are, share a few of the L1 cache's
-//     sets. Neighbouring rows prefetch the next 4 (strided ones are not helped by it);
+//     matrix apart (rows g, g + Q, g + 2Q, g + 3Q with Q = N / 4, rounded down; the last N % 4 rows go one at
+//     a time), so that each thread reads the weights as 4 long sequential streams, which the hardware
+//     prefetchers follow. Four neighbouring rows (2.3 KB each at the 135M shape) are 4 short streams that
+//     start anew every tile and read up to half as fast: all of the 135M shape's multiplies 1.45x / 1.23x /
+//     1.18x faster at 1 / 4 / 16 rows on two threads, 1.74x / 1.28x / 1.12x on one
+//     (`benchmarks/bench_cpu_linear.py --against 19fc557`; README, fourteenth session). Over 48 rows
+//     arithmetic bounds it, and neighbouring rows are better there (strided ones 0.92x-0.97x at 64): rows
+//     whose distance is a multiple of 4 KB, as strided ones often are, share a few of the L1 cache's sets.
+//     Neighbouring rows prefetch the next 4 (strided ones are not helped by it);
 //   - past the first 4 input rows the weights come from the cache and the tile is bound by arithmetic: there
 //     every vector is loaded once into a register (GCC otherwise folds the loads into the multiply-adds,
 //     reading each vector 4 times: 20 loads for 16 multiply-adds; 1.44x / 1.91x faster at 16 / 64 rows on one
@@ -49,9 +50,9 @@ inline void in_register(v16& v) {
 #endif
 }
 
-// y[m, r * q] = x[m, :] . w[r * S, :] for MT input rows and R weight rows S floats apart and q columns apart in
-// y (kStrided; else neighbours: S = K, q = 1); K a multiple of 16. kPin: every vector kept in a register (the
-// passes over cached weights). PF: the R neighbouring rows after these prefetched.
+// y[m, r * q] = x[m, :] . (the weight row r * S floats after w) for MT input rows and R weight rows, S floats
+// and q output columns apart (kStrided; else neighbours: S = K, q = 1); K a multiple of 16. kPin: every vector
+// kept in a register (the passes over cached weights). PF: the R neighbouring rows after these prefetched.
 template <int MT, int R, bool kStrided, bool kPin, bool PF>
 __attribute__((always_inline)) inline void tile(const float* __restrict x, int64_t K, const float* __restrict w,
                                                 int64_t S, float* __restrict y, int64_t ldy, int64_t q) {
