@@ -23,7 +23,7 @@
 //     thread, 1.14x / 1.24x on two, the 135M shape's blocks);
 //   - the 16 accumulators of a tile are reduced 4 at a time (interleave, add, fold the 128-bit lanes);
 //   - tiles are spread over torch's intra-op threads, each taking a contiguous range of g.
-// Its tiles are inlined by force: left to itself GCC kept a call at 64 rows, 0.92x as fast.
+// Its tiles are inlined by force: left to GCC, the 64-row path ran 0.92x as fast.
 // Written with GCC vector extensions, so it compiles for whatever the machine has (-march=native); the
 // 4-way reduction uses AVX-512 intrinsics where they exist. Over 64 rows (a prefill) it calls at::linear:
 // there a BLAS blocks and packs better than this. Inputs whose K is not a multiple of 16 do too.
