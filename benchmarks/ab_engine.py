@@ -85,6 +85,16 @@ def side(conn: Connection, checkpoint: str, overrides: dict, threads: int | None
             return
 
 
+def events_until_done(engine):
+    """Steps the engine as its server process does (`step_tokens`) until it has no work -> every event. Raises
+    RuntimeError for a request that failed: a side that drops outputs must not be timed as if it made them."""
+    while engine.has_work():
+        for ev in engine.step_tokens():
+            if ev.kind == "done" and ev.error:
+                raise RuntimeError(f"a request failed: {ev.error}")
+            yield ev
+
+
 def text_wave(engine, concurrency: int, max_tokens: int) -> dict:
     """`concurrency` requests of `max_tokens` tokens -> {"seconds", "count": tokens, "outputs": their ids}."""
     from xfusion_serve import SamplingParams
@@ -93,11 +103,8 @@ def text_wave(engine, concurrency: int, max_tokens: int) -> dict:
     start = time.perf_counter()
     ids = [engine.add_text(engine.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, params) for i in range(concurrency)]
     made = {rid: [] for rid in ids}
-    while engine.has_work():
-        for ev in engine.step_tokens():
-            if ev.kind == "done" and ev.error:
-                raise RuntimeError(f"a request failed: {ev.error}")
-            made[ev.request_id] += ev.token_ids
+    for ev in events_until_done(engine):
+        made[ev.request_id] += ev.token_ids
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made[rid] for rid in ids]}
 
@@ -106,13 +113,8 @@ def image_wave(engine, concurrency: int) -> dict:
     """`concurrency` image requests -> {"seconds", "count": images, "outputs": their pixels (bytes)}."""
     start = time.perf_counter()
     ids = [engine.add_image(IMAGE_PROMPTS[i % len(IMAGE_PROMPTS)], seed=i) for i in range(concurrency)]
-    made = {}
-    while engine.has_work():
-        for ev in engine.step_tokens():
-            if ev.kind == "done" and ev.error:
-                raise RuntimeError(f"an image request failed: {ev.error}")
-            if ev.kind == "done":
-                made[ev.request_id] = [image.tobytes() for image in ev.images]
+    made = {ev.request_id: [image.tobytes() for image in ev.images]
+            for ev in events_until_done(engine) if ev.kind == "done"}
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "count": sum(map(len, made.values())), "outputs": [made.get(rid) for rid in ids]}
 
