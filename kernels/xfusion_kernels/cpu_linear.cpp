@@ -14,8 +14,8 @@
 //     start anew every tile and read up to half as fast: all of the 135M shape's multiplies 1.45x / 1.23x /
 //     1.18x faster at 1 / 4 / 16 rows on two threads, 1.74x / 1.28x / 1.12x on one
 //     (`benchmarks/bench_cpu_linear.py --against 19fc557`; README, fourteenth session). Over 48 rows
-//     arithmetic bounds it, and neighbouring rows are better there (strided ones 0.92x-0.97x at 64): rows
-//     whose distance is a multiple of 4 KB, as strided ones often are, share a few of the L1 cache's sets.
+//     arithmetic bounds it, and neighbouring rows are better there (strided ones 0.92x-0.97x at 64, a session
+//     script; probably because rows a multiple of 4 KB apart, as strided ones often are, share L1 sets).
 //     Neighbouring rows prefetch the next 4 (strided ones are not helped by it);
 //   - past the first 4 input rows the weights come from the cache and the tile is bound by arithmetic: there
 //     every vector is loaded once into a register (GCC otherwise folds the loads into the multiply-adds,
