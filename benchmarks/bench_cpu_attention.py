@@ -3,7 +3,10 @@
 every layer, each sequence holding `--context` cached tokens in scattered blocks of a paged pool.
 
     python benchmarks/bench_cpu_attention.py [--layers 4 --heads 4 --kv-heads 2 --head-dim 32] [--rows 1,16,64]
-        [--context 64,512] [--repeats 5]
+        [--context 64,512] [--repeats 5] [--against REV]
+
+`--against REV`: the kernel as it is here against its source at git revision REV (built beside it under another
+op name), alternated pass by pass: the median of `--repeats` pairs each, and of their ratios, instead of torch.
 
 Defaults: the embedded demo's text tower. `--layers 30 --heads 9 --kv-heads 3 --head-dim 64`: the 135M-class
 shape of benchmarks/make_checkpoint.py. Random float32 values; each figure is the best of `--repeats` passes
@@ -18,6 +21,7 @@ import sys
 import time
 
 import torch
+from kernel_at import alternate, kernel_at
 
 from xfusion_serve.model.attention import CpuBackend, TorchBackend, cpu_backend_problem
 
@@ -44,12 +48,23 @@ def step_ms(backend, pool, tables, seq_lens, q, kv) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def against(ours: CpuBackend, ref: CpuBackend, a: argparse.Namespace) -> None:
+    print(f"ratios > 1: ours faster\n{'rows':>5} {'context':>8} {'ours ms':>8} {a.against + ' ms':>12} "
+          f"{'ratio of medians':>17} {'median of ratios':>17}")
+    for rows in map(int, a.rows.split(",")):
+        for context in map(int, a.context.split(",")):
+            args = inputs(a, rows, context)
+            mine, theirs, ratio = alternate(lambda: step_ms(ours, *args), lambda: step_ms(ref, *args), a.repeats)
+            print(f"{rows:>5} {context:>8} {mine:>8.3f} {theirs:>12.3f} {theirs / mine:>16.2f}x {ratio:>16.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("layers", 4), ("heads", 4), ("kv-heads", 2), ("head-dim", 32), ("repeats", 5)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--rows", default="1,16,64")
     p.add_argument("--context", default="64,512")
+    p.add_argument("--against", metavar="REV", help="the kernel at this git revision instead of torch")
     a = p.parse_args()
     if (problem := cpu_backend_problem(torch.device("cpu"), torch.float32, a.head_dim)) is not None:
         sys.exit(f"the cpu backend cannot run here: {problem}")
@@ -58,6 +73,9 @@ def main() -> None:
     ours, reference = CpuBackend(cpu_paged_decode()), TorchBackend()
     print(f"{a.layers} layers, {a.heads} query / {a.kv_heads} KV heads of {a.head_dim}, torch threads "
           f"{torch.get_num_threads()}")
+    if a.against:
+        against(ours, CpuBackend(kernel_at(a.against, "cpu_attention.cpp", "cpu_paged_decode")), a)
+        return
     print(f"{'rows':>5} {'context':>8} {'cpu ms':>8} {'torch ms':>9} {'torch/cpu':>10}")
     for rows in map(int, a.rows.split(",")):
         for context in map(int, a.context.split(",")):

@@ -18,12 +18,7 @@ figure is the best of `--repeats` passes over all matrices (ms per decode step's
 from __future__ import annotations
 
 import argparse
-import platform
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_at import alternate, kernel_at  # noqa: E402
 from xfusion_kernels.cpu import cpu_linear  # noqa: E402
 
 
@@ -50,51 +46,11 @@ def step_ms(fn, ws: list[torch.Tensor], rows: int) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def kernel_at(rev: str):
-    """-> cpu_linear as kernels/xfusion_kernels/cpu_linear.cpp (and cpu_vec.h) were at git revision `rev`,
-    built as the op xfusion_ref::cpu_linear. Raises SystemExit where git cannot show them."""
-    from torch.utils.cpp_extension import load
-
-    root = Path(__file__).resolve().parents[1]
-    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True)
-    if sha.returncode:
-        sys.exit(f"not a git revision here: {rev}")
-    name = f"xfusion_cpu_linear_ref_{sha.stdout.strip()}"
-    folder = Path(tempfile.gettempdir()) / name  # the same sources in the same place: torch's cached build serves
-    folder.mkdir(exist_ok=True)
-    for file in ("cpu_linear.cpp", "cpu_vec.h"):  # the header only where that revision has one
-        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/xfusion_kernels/{file}"],
-                               capture_output=True, text=True)
-        if shown.returncode and file.endswith(".h"):
-            continue
-        if shown.returncode:
-            sys.exit(f"git cannot show {file} at {rev}: {shown.stderr.strip()}")
-        text = shown.stdout
-        if file.endswith(".cpp"):  # its own op namespace, so that both builds load into this process
-            text, defs = re.subn(r"TORCH_LIBRARY(_FRAGMENT)?\(xfusion,", "TORCH_LIBRARY(xfusion_ref,", text)
-            text, impls = re.subn(r"TORCH_LIBRARY_IMPL\(xfusion,", "TORCH_LIBRARY_IMPL(xfusion_ref,", text)
-            if not (defs and impls):
-                sys.exit(f"cpu_linear.cpp at {rev} registers its op otherwise: cannot build it beside this one")
-        (folder / file).write_text(text)
-    arch = "-march=native" if platform.machine() in ("x86_64", "AMD64", "i686") else "-mcpu=native"  # as cpu.py
-    load(name=name, sources=[str(folder / "cpu_linear.cpp")], extra_cflags=["-O3", "-fopenmp", arch],
-         extra_ldflags=["-fopenmp"], is_python_module=False)
-    return torch.ops.xfusion_ref.cpu_linear
-
-
 def against(op, ref, ws: list[torch.Tensor], rows_list: list[int], repeats: int, rev: str) -> None:
     print(f"{'rows':>5} {'ours ms':>9} {rev + ' ms':>12} {'ratio of medians':>17} {'median of ratios':>17}")
     for rows in rows_list:
-        step_ms(op, ws, rows), step_ms(ref, ws, rows)  # untimed: thread pools and caches warm for both
-        pairs = []
-        for i in range(repeats + repeats % 2):  # alternated, each first as often
-            if i % 2:
-                pairs.append((step_ms(op, ws, rows), step_ms(ref, ws, rows)))
-            else:
-                pairs.append(tuple(reversed((step_ms(ref, ws, rows), step_ms(op, ws, rows)))))
-        ours, theirs = (statistics.median(p[i] for p in pairs) for i in (0, 1))
-        print(f"{rows:>5} {ours:>9.3f} {theirs:>12.3f} {theirs / ours:>16.2f}x "
-              f"{statistics.median(b / a for a, b in pairs):>16.2f}x")
+        ours, theirs, ratio = alternate(lambda: step_ms(op, ws, rows), lambda: step_ms(ref, ws, rows), repeats)
+        print(f"{rows:>5} {ours:>9.3f} {theirs:>12.3f} {theirs / ours:>16.2f}x {ratio:>16.2f}x")
 
 
 def main() -> None:
@@ -112,7 +68,7 @@ def main() -> None:
     if a.against:
         print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}; "
               f"ratios > 1: ours faster")
-        against(op, kernel_at(a.against), ws, list(map(int, a.rows.split(","))), a.repeats, a.against)
+        against(op, kernel_at(a.against, "cpu_linear.cpp", "cpu_linear"), ws, list(map(int, a.rows.split(","))), a.repeats, a.against)
         return
     ws_in_out = [w.t().contiguous().t() for w in ws[:-1]] + ws[-1:]
     print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}")

@@ -11,7 +11,11 @@
 //   1. raw scores s[g, t] = q_g . k_t for the cached tokens t < L - 1 and the new one, four tokens at a time
 //      (their four sums reduced together: cpu_vec.h's hsum4);
 //   2. softmax over t of s / sqrt(d), the maximum subtracted, 16 scores at a time (cpu_vec.h's exp);
-//   3. out_g = sum_t p[g, t] v_t.
+//   3. out_g = sum_t p[g, t] v_t, one query head at a time with its sum in registers (heads up to 128 floats).
+// The register sums and the vector maximum of step 2, against the sums kept in memory and a scalar maximum,
+// at 1, 16 and 64 sequences of 100 and 400 tokens, one thread, the median of 9 paired ratios: 0.99x-1.29x on the
+// demo's shape (1.29x at 16 sequences of 100), 1.08x-1.17x on the 135M-class one
+// (`benchmarks/bench_cpu_attention.py --against 4bb375c`; README, fifteenth session).
 // Keys and values are fetched kAhead tokens before their use: a block holds only block_size tokens, so one
 // sequence's reads are short runs the hardware prefetchers barely follow. Dot products and the weighted sum run
 // on 16-float GCC vectors (head_dim a multiple of 16; the Python side falls back to the reference otherwise).
@@ -51,6 +55,49 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t d
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t d) {
   for (int64_t i = 0; i < d; i += 16) *reinterpret_cast<v16*>(y + i) += alpha * load(x + i);
+}
+
+// out = sum_t p[t] v_t over L tokens, for a head of NV vectors: the sum held in registers, two sets of them
+// (even and odd tokens) so that consecutive multiply-adds do not wait on each other; `ahead`: the values kAhead
+// tokens on fetched (the first query head's pass; the others find them in the cache). The general path (axpy,
+// heads over 128 floats) keeps the sum in memory: a load and a store per vector per token.
+template <int NV>
+void weighted_sum(const float* __restrict p, const float* const* values, int64_t L, float* __restrict out,
+                  bool ahead) {
+  v16 even[NV] = {}, odd[NV] = {};
+  int64_t t = 0;
+  for (; t + 2 <= L; t += 2) {
+    if (ahead && t + kAhead + 2 <= L) {
+      prefetch(values[t + kAhead], 16 * NV);
+      prefetch(values[t + kAhead + 1], 16 * NV);
+    }
+    const float* a = values[t];
+    const float* b = values[t + 1];
+    for (int i = 0; i < NV; ++i) {
+      even[i] += p[t] * load(a + 16 * i);
+      odd[i] += p[t + 1] * load(b + 16 * i);
+    }
+  }
+  if (t < L)
+    for (int i = 0; i < NV; ++i) even[i] += p[t] * load(values[t] + 16 * i);
+  for (int i = 0; i < NV; ++i) *reinterpret_cast<v16*>(out + 16 * i) = even[i] + odd[i];
+}
+
+using WeightedSum = void (*)(const float*, const float* const*, int64_t, float*, bool);
+
+// The weighted sum for a head of d floats, or nullptr where d is over 128 (then the general path).
+inline WeightedSum weighted_sum_for(int64_t d) {
+  switch (d / 16) {
+    case 1: return weighted_sum<1>;
+    case 2: return weighted_sum<2>;
+    case 3: return weighted_sum<3>;
+    case 4: return weighted_sum<4>;
+    case 5: return weighted_sum<5>;
+    case 6: return weighted_sum<6>;
+    case 7: return weighted_sum<7>;
+    case 8: return weighted_sum<8>;
+    default: return nullptr;
+  }
 }
 
 // q [B, Hq, d]; kv_cache [2, blocks, block_size, Hkv, d]; block_tables [B, M] int32; seq_lens [B] int32, each
@@ -97,6 +144,7 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
   const int64_t vs0 = v_new.stride(0), vs1 = v_new.stride(1);
   const int64_t token_stride = Hkv * d;  // between two tokens of one block
 
+  const WeightedSum sum_of = weighted_sum_for(d);
   at::parallel_for(0, B * Hkv, 4, [&](int64_t w0, int64_t w1) {
     std::vector<float> scores;
     std::vector<const float*> keys, values;
@@ -136,8 +184,13 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
       float* oh = op + (b * Hq + h * G) * d;
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * Lv;
-        float mx = s[0];
-        for (int64_t t = 1; t < L; ++t) mx = std::max(mx, s[t]);
+        v16 top = load(s);  // the padding past L is -inf: it never wins
+        for (int64_t t = 16; t < Lv; t += 16) {
+          const v16 x = load(s + t);
+          top = x > top ? x : top;
+        }
+        float mx = top[0];
+        for (int i = 1; i < 16; ++i) mx = std::max(mx, top[i]);
         v16 sum = v16{};
         for (int64_t t = 0; t < Lv; t += 16) {
           const v16 e = xfusion_cpu::exp_nonpositive((load(s + t) - mx) * scale);
@@ -146,9 +199,13 @@ at::Tensor cpu_paged_decode(const at::Tensor& q_in, const at::Tensor& kv_cache, 
         }
         const float inv = 1.f / xfusion_cpu::hsum(sum);
         for (int64_t t = 0; t < Lv; t += 16) *reinterpret_cast<v16*>(s + t) *= inv;
-        std::fill(oh + g * d, oh + (g + 1) * d, 0.f);
       }
-      // 3. out_g = sum_t p[g, t] v_t.
+      // 3. out_g = sum_t p[g, t] v_t: one query head at a time, the values read ahead on the first one's pass.
+      if (sum_of != nullptr) {
+        for (int64_t g = 0; g < G; ++g) sum_of(scores.data() + g * Lv, values.data(), L, oh + g * d, g == 0);
+        continue;
+      }
+      std::fill(oh, oh + G * d, 0.f);
       for (int64_t t = 0; t < L; ++t) {
         if (t + kAhead < L) prefetch(values[t + kAhead], d);
         for (int64_t g = 0; g < G; ++g) axpy(scores[g * Lv + t], values[t], oh + g * d, d);

@@ -51,11 +51,12 @@ def reference(q, kv, tables, lens, k, v):
     return backend.decode(q, kv, backend.prepare_decode(tables, lens, kv.shape[2]), k, v)
 
 
-@pytest.mark.parametrize("Hq, Hkv, d", [(4, 2, 32), (2, 2, 16), (9, 3, 64), (8, 1, 128), (4, 4, 48)])
+@pytest.mark.parametrize("Hq, Hkv, d", [(4, 2, 32), (2, 2, 16), (9, 3, 64), (8, 1, 128), (4, 4, 48), (2, 1, 144)])
 @pytest.mark.parametrize("lens", [(1, 1, 1, 1), (1, 4, 5, 11), (9, 13, 2, 40), (77, 1, 130, 34)])
 @pytest.mark.parametrize("sharpness", [1.0, 40.0])
 def test_matches_float64(Hq, Hkv, d, lens, sharpness):
-    """Ragged lengths around the kernel's groups of 4 tokens, its 16-token vectors and its read-ahead, and
+    """Ragged lengths around the kernel's groups of 4 tokens, its pairs of tokens in the weighted sum, its
+    16-token vectors and its read-ahead; heads of 1 to 8 vectors (the sums in registers) and of 9 (in memory);
     queries scaled so that most scores lie hundreds below the maximum (exp far under float32's range)."""
     q, *rest = case(Hq=Hq, Hkv=Hkv, d=d, lens=lens, blocks=120, seed=Hq * 100 + d + sum(lens))
     args = (q * sharpness, *rest)
