@@ -68,7 +68,8 @@ def main() -> None:
     if a.against:
         print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}; "
               f"ratios > 1: ours faster")
-        against(op, kernel_at(a.against, "cpu_linear.cpp", "cpu_linear"), ws, list(map(int, a.rows.split(","))), a.repeats, a.against)
+        ref = kernel_at(a.against, "cpu_linear.cpp", "cpu_linear")
+        against(op, ref, ws, list(map(int, a.rows.split(","))), a.repeats, a.against)
         return
     ws_in_out = [w.t().contiguous().t() for w in ws[:-1]] + ws[-1:]
     print(f"{sum(w.numel() for w in ws) / 1e6:.1f}M float32 weights, torch threads {torch.get_num_threads()}")
